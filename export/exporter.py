@@ -1,0 +1,65 @@
+"""`llamac export`: checkpoint -> directory with model.onnx, model.onnx.data, config.json and the tokenizer.
+
+Written into a temporary sibling directory and renamed into place, so a failure never leaves a half-written OUT.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from tqdm import tqdm
+
+from llamac.errors import InputError
+
+from . import graph
+from .checkpoint import open_checkpoint
+from .onnx_builder import Graph, save
+
+DTYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16}
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+
+
+def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = None, force: bool = False,
+           progress: bool = True) -> Path:
+    """Export the checkpoint at `src` to the directory `out`; returns `out`."""
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    out = Path(out)
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists (pass --force to replace it)")
+    ckpt = open_checkpoint(Path(src), tokenizer)
+    cfg = ckpt.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        bar = tqdm(total=cfg.num_layers + 2, desc="export", unit="layer", disable=not progress)
+
+        def load(name: str) -> np.ndarray:
+            w = ckpt.tensor(name)
+            if not np.isfinite(w).all():
+                raise InputError(f"{Path(src).name}: tensor {name} holds NaN or Inf")
+            return w
+
+        with open(tmp / DATA_FILE, "wb") as data:
+            g = Graph(data, DATA_FILE, DTYPES[dtype])
+            bar.update(1)
+            inputs, outputs = graph.build_llama(g, cfg, load, on_layer=lambda: bar.update(1))
+        model = g.model(inputs, outputs, producer="llamac")
+        save(model, tmp / MODEL_FILE)
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        bar.update(1)
+        bar.close()
+        cfg.save(tmp / "config.json")
+        for f in ckpt.tokenizer_files:
+            shutil.copyfile(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
