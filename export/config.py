@@ -160,22 +160,24 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, dict | None]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind not in ("linear", "llama3"):
+    if kind not in ROPE_TYPES[1:]:
         raise InputError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
-    keys = {"linear": ("factor",),
+    keys = {"linear": ("factor",), "freq_factors": ("factors",),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[kind]
     missing = [k for k in keys if k not in scaling]
     if missing:
         raise InputError(f"rope scaling {kind!r} lacks {', '.join(missing)}")
     out: dict[str, Any] = {"rope_type": kind}
-    out.update({k: (int(scaling[k]) if k.startswith("original") else float(scaling[k])) for k in keys})
+    for k in keys:
+        v = scaling[k]
+        out[k] = int(v) if k.startswith("original") else [float(f) for f in v] if k == "factors" else float(v)
     return theta, out
 
 
 def llama3_scaling_from_factors(factors: np.ndarray, inv_freq: np.ndarray) -> dict | None:
     """GGUF stores llama3 scaling as per-pair divisors (rope_freqs); recover the HF parameters when they fit exactly."""
     factors = np.asarray(factors, dtype=np.float64)
-    for orig in (8192, 4096, 16384, 2048, 32768, 131072):
+    for orig in [2 ** k for k in range(4, 19)]:
         for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
             s = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": low,
                  "high_freq_factor": high, "original_max_position_embeddings": orig}

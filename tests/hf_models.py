@@ -22,7 +22,7 @@ CONFIGS = {
 
 
 def make_hf_checkpoint(path: Path, seed: int = 0, dtype: str = "float32", shard: str | None = None, **overrides):
-    """Save a seeded random LlamaForCausalLM to `path` and return the (float32) torch model."""
+    """Save a seeded random LlamaForCausalLM to `path`; return it as transformers reads it back, in float32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,4 +43,5 @@ def make_hf_checkpoint(path: Path, seed: int = 0, dtype: str = "float32", shard:
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size=shard or "5GB")
-    return model.float()
+    # Reload rather than upcast: .to(bfloat16) also rounds the rotary buffer, which a real load recomputes.
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
