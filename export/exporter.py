@@ -4,6 +4,7 @@ Written into a temporary sibling directory and renamed into place, so a failure 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,9 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
     cfg = ckpt.config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
     try:
         bar = tqdm(total=cfg.num_layers + 2, desc="export", unit="layer", disable=not progress)
 

@@ -56,6 +56,146 @@ def inspect(path: Path, dequantize: Path | None) -> None:
     click.echo(describe_export(path))
 
 
+@cli.command("compile")
+@click.argument("src", type=click.Path(path_type=Path), required=False)
+@click.option("--target", "-t", default="x86_64", show_default=True, help="Target name (see `llamac targets`) or a .toml file.")
+@click.option("--quant", "-q", default="q4", show_default=True, help="Quantization scheme: f32, f16, q8, q4.")
+@click.option("--group-size", type=int, default=None, help="q4 group size along the input dimension (default 32).")
+@click.option("--max-seq-len", type=int, default=None, help="KV cache capacity (default: the model's context, at most 4096).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def compile_cmd(src: Path | None, target: str, quant: str, group_size: int | None, max_seq_len: int | None,
+                out: Path, force: bool) -> None:
+    """Compile a checkpoint or export directory (default: the bundled model) into an artifact."""
+    from llamac.compiler import compile_model
+
+    if src is None:
+        src = _bundled_checkpoint()
+    path = compile_model(src, target, quant=quant, group_size=group_size, max_seq_len=max_seq_len, out=out,
+                         force=force)
+    click.echo(f"compiled {src} for {target} ({quant}) -> {path}")
+
+
+@cli.command()
+def targets() -> None:
+    """List the built-in targets."""
+    from llamac.targets import list_targets
+
+    for t in list_targets():
+        click.echo(f"{t.name:16s} {t.summary}")
+
+
+def _bundled_checkpoint() -> Path:
+    from llamac import bundled
+
+    return bundled.checkpoint()
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError(f"--ids expects comma-separated integers, got {text!r}") from None
+
+
+@cli.command()
+@click.argument("art", type=click.Path(path_type=Path), required=False)
+@click.option("-p", "--prompt", help="Prompt text.")
+@click.option("--ids", help="Prompt as comma-separated token ids (no BOS added).")
+@click.option("-n", "--max-tokens", default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min_p x the top probability.")
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context instead of failing.")
+@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--emulate", is_flag=True, help="Run an artifact for another architecture (arm64) under qemu-user.")
+def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, temperature: float, top_k: int,
+        top_p: float, min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
+        truncate: bool, threads: int | None, as_json: bool, emulate: bool) -> None:
+    """Generate text from an artifact or export directory (default: the bundled model)."""
+    import json
+
+    if (prompt is None) == (ids is None):
+        raise InputError("give exactly one of -p/--prompt and --ids")
+    art = art or _default_artifact()
+    if emulate:
+        from llamac.runtime.emulate import run_emulated
+
+        argv = sys.argv[sys.argv.index("run") + 1:]
+        sys.exit(run_emulated(art, [a for a in argv if a != "--emulate"]))
+    from llamac.runtime import load
+
+    model = load(art, threads=threads)
+    it = model.generate(prompt if ids is None else _parse_ids(ids), max_new_tokens=max_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=stop, stream=True,
+                        add_bos=ids is None, truncate=truncate)
+    for piece in it:
+        if not as_json:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    g = it.result
+    if as_json:
+        click.echo(json.dumps({"prompt_tokens": g.prompt_tokens, "tokens": g.tokens, "text": g.text,
+                               "stop_reason": g.stop_reason, "prefill_tok_s": round(g.prefill_tok_s, 2),
+                               "decode_tok_s": round(g.decode_tok_s, 2)}))
+        return
+    click.echo()
+    click.echo(f"[prefill {len(g.prompt_tokens)} tok at {g.prefill_tok_s:.1f} tok/s, decode {len(g.tokens)} tok at "
+               f"{g.decode_tok_s:.1f} tok/s, stop: {g.stop_reason}]", err=True)
+
+
+@cli.command("bench")
+@click.argument("art", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt-tokens", default=512, show_default=True, help="Prompt length (pp).")
+@click.option("-n", "--gen-tokens", default=128, show_default=True, help="Generated tokens (tg).")
+@click.option("-r", "--repetitions", default=5, show_default=True)
+@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int | None,
+              as_json: bool) -> None:
+    """Measure prefill (pp) and decode (tg) speed like llama-bench."""
+    import json
+
+    from llamac.bench import bench
+
+    r = bench(art, prompt_tokens, gen_tokens, repetitions, threads)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(f"{r['artifact']}  threads {r['threads']}  load {r['load_avg_before']} -> {r['load_avg_after']}")
+    click.echo(f"  pp{prompt_tokens}: best {r['prefill_tok_s']:8.1f} tok/s   median {r['prefill_tok_s_median']:8.1f}")
+    click.echo(f"  tg{gen_tokens}: best {r['decode_tok_s']:8.1f} tok/s   median {r['decode_tok_s_median']:8.1f}")
+
+
+@cli.command()
+@click.argument("art", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
+@click.option("--window", type=int, default=None, help="Context window (default: the artifact's).")
+@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
+@click.option("--json", "as_json", is_flag=True)
+def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int | None, as_json: bool) -> None:
+    """Per-token perplexity of a text file."""
+    import json
+
+    from llamac.perplexity import perplexity as ppl
+
+    r = ppl(art, text_file, window, max_tokens)
+    click.echo(json.dumps(r) if as_json else f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens "
+                                             f"(window {r['window']})")
+
+
+def _default_artifact() -> Path:
+    from llamac import bundled
+
+    return bundled.artifact()
+
+
 def main() -> None:
     """Entry point: run the CLI, turning errors into one line and the documented exit codes."""
     try:

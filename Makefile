@@ -1,0 +1,41 @@
+# make demo: set up, compile the bundled model for this machine, generate text.
+# make test: install what the tests need (apt and pip), run the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Debian packages: the arm64 cross compiler (compile --target arm64) and qemu-user (run --emulate).
+APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ART  ?= out/demo-x86_64
+
+.PHONY: demo test test-fast sysdeps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.deps
+
+sysdeps:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
+
+demo: $(VENV)/.deps
+	$(BIN)/llamac compile --target x86_64 --quant q4 -o $(ART) --force
+	$(BIN)/llamac run $(ART) -p "And God said" -n 48
+
+test: sysdeps $(VENV)/.test-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+# Everything but the tests marked slow.
+test-fast: sysdeps $(VENV)/.test-deps
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

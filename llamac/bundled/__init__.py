@@ -1,0 +1,41 @@
+"""The small Llama that ships inside llamac (trained by scripts/train_bundled.py on the King James Bible).
+
+`llamac compile` and `llamac run` use it when no model is named; its compiled artifact is cached per machine.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from llamac.errors import InputError
+
+HERE = Path(__file__).parent
+
+
+def checkpoint() -> Path:
+    """The bundled HF checkpoint directory."""
+    if not (HERE / "config.json").is_file():
+        raise InputError(f"the bundled model is missing from {HERE} (train it with scripts/train_bundled.py)")
+    return HERE
+
+
+def host_target() -> str:
+    return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        platform.machine().lower(), "x86_64")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMAC_CACHE", Path.home() / ".cache" / "llamac"))
+
+
+def artifact(quant: str = "q8") -> Path:
+    """The bundled model compiled for this machine, compiled on first use and cached."""
+    from llamac import __version__
+    out = cache_dir() / f"bundled-{__version__}-{host_target()}-{quant}"
+    if not (out / "manifest.json").is_file():  # the runtime verifies checksums when it loads it
+        from llamac.compiler import compile_model
+
+        print(f"compiling the bundled model for {host_target()} ({quant}) once; cached in {out}", flush=True)
+        compile_model(checkpoint(), host_target(), quant=quant, out=out, force=True)
+    return out

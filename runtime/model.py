@@ -1,0 +1,169 @@
+"""load(path) -> Model; Model.session() owns one KV cache; Model.generate() is the generation loop.
+
+The loop is backend-agnostic: a backend session only has prefill(ids), decode(token), reset(), n_past, max_seq_len.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from llamac.errors import InputError
+
+from .sampling import Sampler
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    stop_reason: str          # "eos", "stop", "length" or "context"
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_tokens) / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if self.decode_s and len(self.tokens) > 1 else 0.0
+
+
+class Model:
+    def __init__(self, backend, path: Path):
+        self.backend = backend
+        self.path = Path(path)
+        self.config = backend.config
+        self.max_seq_len: int = backend.max_seq_len
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    def session(self):
+        return self.backend.session()
+
+    def encode_prompt(self, prompt: str | Sequence[int], add_bos: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            bos = self.config.bos_token_id
+            return ([bos] if add_bos and bos is not None else []) + list(ids)
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: Sequence[str] = (), stream: bool = False, session=None,
+                 add_bos: bool = True, truncate: bool = False):
+        """Generate up to max_new_tokens; returns a Generation, or with stream=True an iterator of text pieces
+        (its .result is set when it ends). Pass `session` to continue a conversation in the same KV cache."""
+        it = _Stream(self, prompt, max_new_tokens, Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                           min_p=min_p, repetition_penalty=repetition_penalty,
+                                                           seed=seed),
+                     tuple(stop), session, add_bos, truncate)
+        if stream:
+            return it
+        for _ in it:
+            pass
+        return it.result
+
+
+class _Stream:
+    """The generation loop as an iterator of decoded text pieces."""
+
+    def __init__(self, model: Model, prompt, max_new_tokens: int, sampler: Sampler, stop: tuple[str, ...],
+                 session, add_bos: bool, truncate: bool):
+        self.model, self.sampler, self.stop = model, sampler, stop
+        self.max_new_tokens = max_new_tokens
+        self.session = session if session is not None else model.session()
+        # Only the first turn of a session starts with BOS.
+        self.ids = model.encode_prompt(prompt, add_bos=add_bos and self.session.n_past == 0)
+        room = self.session.max_seq_len - self.session.n_past
+        if len(self.ids) > room:
+            if not truncate:
+                raise InputError(f"prompt of {len(self.ids)} tokens does not fit the context "
+                                 f"({room} of {self.session.max_seq_len} positions left); use truncation to keep "
+                                 f"its end")
+            self.ids = self.ids[len(self.ids) - room:]
+        self.result: Generation | None = None
+        self._gen = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def _run(self) -> Iterator[str]:
+        m, s = self.model, self.session
+        eos = set(m.config.eos_token_ids)
+        detok = m.tokenizer.stream() if _has_tokenizer(m) else None
+        t0 = time.perf_counter()
+        logits = s.prefill(self.ids)
+        t1 = time.perf_counter()
+        history, tokens, text, reason = list(self.ids), [], "", "length"
+        for n in range(self.max_new_tokens):
+            tok = self.sampler(logits, history)
+            if tok in eos:
+                reason = "eos"
+                break
+            tokens.append(tok)
+            history.append(tok)
+            piece = detok.put(tok) if detok else ""
+            text += piece
+            hit = next((st for st in self.stop if st in text), None)
+            if hit is not None:
+                cut = text.index(hit)
+                piece = piece[: max(0, len(piece) - (len(text) - cut))]
+                text, reason = text[:cut], "stop"
+                if piece:
+                    yield piece
+                break
+            if piece:
+                yield piece
+            if n + 1 == self.max_new_tokens:
+                break
+            if s.n_past >= s.max_seq_len:
+                reason = "context"
+                break
+            logits = s.decode(tok)
+        if detok and reason != "stop":
+            tail = detok.flush()
+            text += tail
+            if tail:
+                yield tail
+        self.result = Generation(list(self.ids), tokens, text, reason, t1 - t0, time.perf_counter() - t1)
+
+
+def _has_tokenizer(m: Model) -> bool:
+    try:
+        m.tokenizer
+        return True
+    except InputError:
+        return False
+
+
+def load(path: str | Path, threads: int | None = None) -> Model:
+    """Load a compiled artifact (manifest.json) or an export directory (model.onnx)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        from .tvm_backend import TVMModel
+
+        return Model(TVMModel(path, threads=threads), path)
+    if (path / "model.onnx").is_file():
+        from .onnx_backend import OnnxModel
+
+        return Model(OnnxModel(path, threads=threads), path)
+    raise InputError(f"{path}: neither a compiled artifact (manifest.json) nor an export directory (model.onnx)")
+
