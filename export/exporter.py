@@ -60,6 +60,8 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
         cfg.save(tmp / "config.json")
         for f in ckpt.tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
+        if not ckpt.tokenizer_files and hasattr(ckpt, "write_tokenizer"):  # GGUF: vocabulary in the metadata
+            ckpt.write_tokenizer(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -84,7 +84,10 @@ class GGUFCheckpoint:
             vocab = self._field(a + "vocab_size")
             if vocab is None:
                 vocab = self._tensors["model.embed_tokens.weight"].shape[1]
-            eos = self._field("tokenizer.ggml.eos_token_id", 2)
+            # Llama 3 ends turns with <|eot_id|> (and tool calls with <|eom_id|>) besides <|end_of_text|>.
+            eos = [self._field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                            "tokenizer.ggml.eom_token_id")]
+            eos = list(dict.fromkeys(int(e) for e in eos if e is not None)) or [2]
             cfg = ModelConfig(
                 vocab_size=int(vocab), hidden_size=hidden, num_layers=int(self._field(a + "block_count")),
                 num_heads=heads, num_kv_heads=int(self._field(a + "attention.head_count_kv", heads)),
@@ -93,7 +96,7 @@ class GGUFCheckpoint:
                 rope_theta=float(self._field(a + "rope.freq_base", 10000.0)),
                 tie_word_embeddings="lm_head.weight" not in self._tensors,
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id", 1),
-                eos_token_ids=[int(eos)],
+                eos_token_ids=eos,
                 max_position_embeddings=int(self._field(a + "context_length", 2048)),
             )
         except (TypeError, KeyError) as e:
@@ -108,6 +111,12 @@ class GGUFCheckpoint:
             cfg.rope_scaling = (llama3_scaling_from_factors(factors, cfg.rope_inv_freq())
                                 or {"rope_type": "freq_factors", "factors": [float(f) for f in factors]})
         return cfg
+
+    def write_tokenizer(self, out_dir: Path) -> Path | None:
+        """The embedded vocabulary as tokenizer.model / tokenizer.json (see gguf_tokenizer)."""
+        from .gguf_tokenizer import write_tokenizer
+
+        return write_tokenizer(self._reader, Path(out_dir))
 
     def names(self) -> list[str]:
         return list(self._tensors)
