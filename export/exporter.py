@@ -19,6 +19,7 @@ from llamac.errors import InputError
 from . import graph
 from .checkpoint import open_checkpoint
 from .onnx_builder import Graph, save
+from .tokenizer_files import convert_llama2c_tokenizer
 
 DTYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16}
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -59,7 +60,10 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
         bar.close()
         cfg.save(tmp / "config.json")
         for f in ckpt.tokenizer_files:
-            shutil.copyfile(f, tmp / f.name)
+            if f.suffix == ".bin":  # llama2.c's own tokenizer format
+                convert_llama2c_tokenizer(f, tmp)
+            else:
+                shutil.copyfile(f, tmp / f.name)
         if not ckpt.tokenizer_files and hasattr(ckpt, "write_tokenizer"):  # GGUF: vocabulary in the metadata
             ckpt.write_tokenizer(tmp)
         if out.exists():

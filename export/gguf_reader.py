@@ -113,8 +113,8 @@ class GGUFCheckpoint:
         return cfg
 
     def write_tokenizer(self, out_dir: Path) -> Path | None:
-        """The embedded vocabulary as tokenizer.model / tokenizer.json (see gguf_tokenizer)."""
-        from .gguf_tokenizer import write_tokenizer
+        """The embedded vocabulary as tokenizer.model / tokenizer.json (see tokenizer_files)."""
+        from .tokenizer_files import write_tokenizer
 
         return write_tokenizer(self._reader, Path(out_dir))
 

@@ -1,11 +1,13 @@
-"""Rebuild a standard tokenizer file from the vocabulary a GGUF file embeds, so a GGUF export runs like any other.
+"""Rebuild standard tokenizer files from vocabularies stored elsewhere, so every export runs like any other.
 
-`tokenizer.ggml.model == "llama"` (sentencepiece, Llama 1/2, Code Llama) -> tokenizer.model (sentencepiece protobuf);
-`"gpt2"` (byte-level BPE, Llama 3) -> tokenizer.json (Hugging Face format).
+GGUF metadata: `tokenizer.ggml.model == "llama"` (sentencepiece: Llama 1/2, Code Llama) -> tokenizer.model
+(sentencepiece protobuf); `"gpt2"` (byte-level BPE, Llama 3) -> tokenizer.json (Hugging Face format).
+llama2.c's tokenizer.bin (pieces with scores, spaces instead of U+2581) -> tokenizer.model.
 """
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from llamac.errors import InputError
@@ -74,3 +76,28 @@ def _write_bpe_json(path: Path, tokens, types, merges) -> Path:
     }
     path.write_text(json.dumps(spec, ensure_ascii=False))
     return path
+
+
+def convert_llama2c_tokenizer(src: Path, out_dir: Path) -> Path:
+    """llama2.c tokenizer.bin: uint32 max_token_length, then per token: float32 score, uint32 length, bytes."""
+    data = Path(src).read_bytes()
+    tokens, scores, types = [], [], []
+    pos = 4
+    try:
+        while pos < len(data):
+            score, n = struct.unpack_from("<fI", data, pos)
+            piece = data[pos + 8:pos + 8 + n].decode("utf-8")
+            pos += 8 + n
+            scores.append(score)
+            i = len(tokens)
+            if i in (1, 2):  # llama2.c writes BOS/EOS as "\n<s>\n" and "\n</s>\n"
+                tokens.append(piece.strip())
+                types.append(_CONTROL)
+            else:
+                tokens.append(piece.replace(" ", "\u2581"))
+                types.append(2 if i == 0 else _BYTE if piece.startswith("<0x") and len(piece) == 6 else 1)
+    except (struct.error, UnicodeDecodeError):
+        raise InputError(f"{src}: not a llama2.c tokenizer.bin") from None
+    if len(tokens) < 3:
+        raise InputError(f"{src}: not a llama2.c tokenizer.bin")
+    return _write_sentencepiece(Path(out_dir) / "tokenizer.model", tokens, scores, types, 0, 1, 2, True)
