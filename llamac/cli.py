@@ -190,6 +190,25 @@ def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int |
                                              f"(window {r['window']})")
 
 
+@cli.command()
+@click.argument("art", type=click.Path(path_type=Path), required=False)
+@click.option("--system", help="System prompt.")
+@click.option("--template", type=click.Choice(["llama3", "llama2", "plain"]), default=None,
+              help="Chat template (default: detected from the tokenizer).")
+@click.option("-n", "--max-tokens", default=256, show_default=True, help="Tokens per reply at most.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--seed", type=int, default=None)
+def chat(art: Path | None, system: str | None, template: str | None, max_tokens: int, temperature: float,
+         top_p: float, seed: int | None) -> None:
+    """Chat interactively (the KV cache is kept across turns)."""
+    from llamac.chat import run_chat
+    from llamac.runtime import load
+
+    run_chat(load(art or _default_artifact()), system, template, max_tokens, temperature=temperature, top_p=top_p,
+             seed=seed)
+
+
 def _default_artifact() -> Path:
     from llamac import bundled
 
