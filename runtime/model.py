@@ -107,8 +107,11 @@ class _Stream:
 
     def _run(self) -> Iterator[str]:
         m, s = self.model, self.session
-        eos = set(m.config.eos_token_ids)
-        detok = m.tokenizer.stream() if _has_tokenizer(m) else None
+        has_tok = _has_tokenizer(m)
+        # The config's eos ids, plus the tokenizer's own (a Llama 3 base config lists only <|end_of_text|>,
+        # but a chat turn ends with <|eot_id|>).
+        eos = set(m.config.eos_token_ids) | (set(m.tokenizer.eos_ids) if has_tok else set())
+        detok = m.tokenizer.stream() if has_tok else None
         t0 = time.perf_counter()
         logits = s.prefill(self.ids)
         t1 = time.perf_counter()
