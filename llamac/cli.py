@@ -146,6 +146,7 @@ def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, 
                                "decode_tok_s": round(g.decode_tok_s, 2)}))
         return
     click.echo()
+    sys.stdout.flush()  # the figures go to stderr: keep them after the text
     click.echo(f"[prefill {len(g.prompt_tokens)} tok at {g.prefill_tok_s:.1f} tok/s, decode {len(g.tokens)} tok at "
                f"{g.decode_tok_s:.1f} tok/s, stop: {g.stop_reason}]", err=True)
 
