@@ -1,0 +1,162 @@
+"""Compile targets as data: one TOML file per target in this directory, or a user's own file.
+
+A target file names the LLVM triple, CPU and features the kernels are generated for, the compiler that links the
+shared library (a cross compiler for ARM), the kernel tile width (`lanes`) and what a device needs to run the result:
+
+    name = "myboard"                  # required
+    summary = "one line for `llamac targets`"
+    arch = "aarch64"                  # x86_64 | aarch64 | wasm32
+    [llvm]
+    mtriple = "aarch64-linux-gnu"     # required
+    mcpu = "cortex-a55"
+    mattr = ["+neon"]
+    [build]
+    cc = "aarch64-linux-gnu-g++"      # linker driver for the library; searched on PATH (and in cc_search dirs)
+    cc_package = "g++-aarch64-linux-gnu"
+    lanes = 8                         # output channels per SIMD tile in the linear kernels
+    [runtime]
+    needs = "what the device must have"
+
+Standard library only (tomllib; tomli on Python 3.10), so `llamac targets` stays instant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
+
+from llamac.errors import InputError
+
+HERE = Path(__file__).parent
+ARCHES = ("x86_64", "aarch64", "wasm32")
+# listing order of the built-in files (others follow alphabetically)
+ORDER = ("x86_64", "x86_64-avx2", "x86_64-avx512", "arm64", "rpi4", "rpi5", "android-arm64", "webgpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    summary: str
+    arch: str
+    mtriple: str
+    mcpu: str = ""
+    mattr: tuple[str, ...] = ()
+    kind: str = "llvm"
+    status: str = "ready"              # "planned": listed, but compile refuses it
+    cc: str | None = None
+    cc_search: tuple[str, ...] = ()
+    cc_package: str = ""
+    lanes: int = 8
+    runtime_os: str = "linux"
+    runtime_needs: str = ""
+    source: str = ""                   # file it was read from
+
+    def tvm_target(self) -> dict:
+        """TVM 0.27 target dict (the JSON form; CLI strings are no longer accepted)."""
+        d: dict = {"kind": self.kind, "mtriple": self.mtriple}
+        if self.mcpu:
+            d["mcpu"] = self.mcpu
+        if self.mattr:
+            d["mattr"] = list(self.mattr)
+        return d
+
+    def find_cc(self) -> str:
+        """Path of the compiler that links the library; InputError saying what to install when it is missing."""
+        if not self.cc:
+            raise InputError(f"target {self.name} names no compiler (build.cc) to link the library")
+        for d in self.cc_search:
+            expanded = os.path.expandvars(d)
+            if "$" in expanded:           # variable not set
+                continue
+            cand = Path(expanded) / self.cc
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return str(cand)
+        found = shutil.which(self.cc)
+        if found:
+            return found
+        where = f" (looked on PATH and in {', '.join(self.cc_search)})" if self.cc_search else " (not on PATH)"
+        hint = f"; install {self.cc_package}" if self.cc_package else ""
+        raise InputError(f"target {self.name} needs the compiler {self.cc}{where}{hint}")
+
+    def check_buildable(self) -> str:
+        """Raise InputError if this target cannot be compiled here; return the linker to use."""
+        if self.status != "ready" or self.kind != "llvm":
+            raise InputError(f"target {self.name} is not built yet ({self.summary}); "
+                             f"choose a CPU target from `llamac targets`")
+        return self.find_cc()
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        del d["source"]                   # a path on the build machine: not part of what the artifact is
+        d["mattr"] = list(self.mattr)
+        d["cc_search"] = list(self.cc_search)
+        d["llvm"] = self.tvm_target()
+        return d
+
+
+def _parse(path: Path) -> Target:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read target file ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: malformed target file: {e}") from None
+    llvm, build, runtime = data.get("llvm", {}), data.get("build", {}), data.get("runtime", {})
+    if not all(isinstance(x, dict) for x in (llvm, build, runtime)):
+        raise InputError(f"{path}: [llvm], [build] and [runtime] must be tables")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{path}: target file needs a name")
+    if not isinstance(llvm.get("mtriple"), str) or not llvm["mtriple"]:
+        raise InputError(f"{path}: target file needs llvm.mtriple (e.g. \"aarch64-linux-gnu\")")
+    arch = data.get("arch") or llvm["mtriple"].split("-")[0]
+    if arch == "arm64":
+        arch = "aarch64"
+    if arch not in ARCHES:
+        raise InputError(f"{path}: unsupported arch {arch!r} (supported: {', '.join(ARCHES)})")
+    mattr = llvm.get("mattr", [])
+    cc_search = build.get("cc_search", [])
+    lanes = build.get("lanes", 8)
+    if not (isinstance(mattr, list) and all(isinstance(a, str) for a in mattr)):
+        raise InputError(f"{path}: llvm.mattr must be a list of strings like \"+neon\"")
+    if not (isinstance(cc_search, list) and all(isinstance(a, str) for a in cc_search)):
+        raise InputError(f"{path}: build.cc_search must be a list of directories")
+    if not isinstance(lanes, int) or lanes < 1 or lanes & (lanes - 1) or lanes > 64:
+        raise InputError(f"{path}: build.lanes must be a power of two between 1 and 64")
+    for key, val in (("llvm.mcpu", llvm.get("mcpu", "")), ("build.cc", build.get("cc", "")),
+                     ("summary", data.get("summary", "")), ("runtime.needs", runtime.get("needs", ""))):
+        if not isinstance(val, str):
+            raise InputError(f"{path}: {key} must be a string")
+    return Target(name=name, summary=data.get("summary", ""), arch=arch, mtriple=llvm["mtriple"],
+                  mcpu=llvm.get("mcpu", ""), mattr=tuple(mattr), kind=data.get("kind", "llvm"),
+                  status=data.get("status", "ready"), cc=build.get("cc") or None, cc_search=tuple(cc_search),
+                  cc_package=build.get("cc_package", ""), lanes=lanes, runtime_os=runtime.get("os", "linux"),
+                  runtime_needs=runtime.get("needs", ""), source=str(path))
+
+
+def list_targets() -> list[Target]:
+    """The built-in targets: generic x86-64 first, then by family."""
+    rank = {name: i for i, name in enumerate(ORDER)}
+    files = sorted(HERE.glob("*.toml"), key=lambda p: (rank.get(p.stem, len(ORDER)), p.stem))
+    return [_parse(p) for p in files]
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A built-in target by name, or a user's target file (anything ending in .toml or naming an existing file)."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise InputError(f"target file {path} does not exist")
+        return _parse(path)
+    builtin = HERE / f"{text}.toml"
+    if builtin.is_file() and "/" not in text:
+        return _parse(builtin)
+    names = ", ".join(t.name for t in list_targets())
+    raise InputError(f"unknown target {text!r} (built-in: {names}; or pass a .toml file)")

@@ -1,0 +1,286 @@
+"""Hand-scheduled TIR kernels for the parts of a Llama step that matter on a CPU.
+
+Each generator returns a PrimFunc with static weight shapes and a symbolic token count, already scheduled (parallel
+outer loop, vectorized inner loop, accumulators in registers): the pipeline builds them as they are. The math of every
+kernel is the numpy math of `llamac.quantize.dequantize` (w = f32(code) * f32(scale)); only the order of additions
+differs, so the artifact computes what `llamac inspect --dequantize` writes.
+
+- `linear`: y[1, S, N] = x[1, S, K] @ W, W in the packed layout of `quantize.pack`; dequantization happens in registers
+  inside the loop (no f32 weight copy exists). One row (decode) runs as a GEMV with split accumulators; more rows
+  (prefill) run in tiles of ROWS rows that reuse each dequantized weight vector.
+- `embedding`: rows of the same packed weights, gathered by token id (tied embeddings share the lm_head weights).
+- `kv_write`: writes the new K or V rows into the fixed-capacity cache, in place (Relax call_tir_inplace).
+- `attn_scores` / `attn_values`: q.K^T and P.V reading only the valid prefix [0, total) of the cache.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from llamac.quantize import Scheme
+
+OPAQUE = 8      # relax OpPatternKind kOpaque: FuseOps leaves these kernels alone
+ROWS = 4        # prefill tile: rows sharing one dequantized weight vector
+SPLIT = 2       # decode: independent accumulator chains per output vector (hides FMA latency)
+
+
+def linear(scheme: Scheme, k: int, n: int, lanes: int):
+    if scheme.kind == "float":
+        return _linear_dense(k, n, lanes, scheme.weight_dtype, None, k)
+    if scheme.bits == 8:
+        return _linear_dense(k, n, lanes, "int8", scheme.scale_dtype, scheme.group_size or k)
+    return _linear_q4(k, n, lanes, scheme.scale_dtype, scheme.group_size)
+
+
+def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: int):
+    """f32 / f16 / int8 weights [N/L, K, L]; int8 has scales [N/L, G, L] applied once per group."""
+    NB = N // L
+    G = -(-K // GS)
+    A = SPLIT if K % SPLIT == 0 and GS % SPLIT == 0 else 1  # then every group length divides too
+    scaled = sdtype is not None
+    sdt = sdtype or "float32"
+    sshape = (NB, G, L) if scaled else (1, 1, 1)     # float weights: an unused placeholder scale
+
+    @T.macro
+    def tile(x, w, sc, y, nb, r0, S, TB, A):
+        acc = T.alloc_buffer((TB, L), "float32", scope="local")
+        gacc = T.alloc_buffer((TB, A, L), "float32", scope="local")
+        for t in T.unroll(TB):
+            for l in T.vectorized(L):
+                acc[t, l] = T.float32(0)
+        for g in range(G):
+            for t in T.unroll(TB):
+                for a in T.unroll(A):
+                    for l in T.vectorized(L):
+                        gacc[t, a, l] = T.float32(0)
+            for kk in range(T.min(GS, K - g * GS) // A):
+                for a in T.unroll(A):
+                    for t in T.unroll(TB):
+                        for l in T.vectorized(L):
+                            gacc[t, a, l] = gacc[t, a, l] + x[T.min(r0 + t, S - 1), g * GS + kk * A + a] * T.Cast(
+                                "float32", w[nb, g * GS + kk * A + a, l])
+            for t in T.unroll(TB):
+                for a in T.unroll(A):
+                    for l in T.vectorized(L):
+                        if scaled:
+                            acc[t, l] = acc[t, l] + gacc[t, a, l] * T.Cast("float32", sc[nb, g, l])
+                        else:
+                            acc[t, l] = acc[t, l] + gacc[t, a, l]
+        for t in T.unroll(TB):
+            if r0 + t < S:
+                for l in T.vectorized(L):
+                    y[r0 + t, nb * L + l] = acc[t, l]
+
+    @T.prim_func(private=True)
+    def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
+                     y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
+        S = T.int64()
+        x3 = T.match_buffer(x_h, (1, S, K), "float32")      # [1, seq, K] as the graph has it: no reshape
+        y3 = T.match_buffer(y_h, (1, S, N), "float32")
+        x = T.decl_buffer((S, K), "float32", data=x3.data)
+        y = T.decl_buffer((S, N), "float32", data=y3.data)
+        for nb in T.parallel(NB):
+            if S == 1:
+                tile(x, w, sc, y, nb, T.int64(0), S, 1, A)
+            else:
+                for sb in range((S + ROWS - 1) // ROWS):
+                    tile(x, w, sc, y, nb, sb * ROWS, S, ROWS, 1)
+
+    return linear_dense
+
+
+def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
+    """4-bit codes, 8 per uint32 word [N/L, ceil(K/8), L], scales [N/L, G, L].
+
+    Per group: sum_k x_k * (c_k - 8) * s = s * (sum_k x_k * c_k - 8 * sum_k x_k); the second sum is per input row
+    and shared by all outputs, so it is computed once (xs). Inputs past K (padding codes are 8) read x[K-1] in both
+    sums and cancel exactly.
+    """
+    NB = N // L
+    KW = -(-K // 8)
+    G = -(-K // GS)
+    WPG = GS // 8
+
+    @T.macro
+    def tile(x, w, sc, xs, y, nb, r0, S, TB, A):
+        acc = T.alloc_buffer((TB, L), "float32", scope="local")
+        gacc = T.alloc_buffer((TB, A, L), "float32", scope="local")
+        for t in T.unroll(TB):
+            for l in T.vectorized(L):
+                acc[t, l] = T.float32(0)
+        for g in range(G):
+            for t in T.unroll(TB):
+                for a in T.unroll(A):
+                    for l in T.vectorized(L):
+                        gacc[t, a, l] = T.float32(0)
+            for kw in range(T.min(WPG, KW - g * WPG)):
+                for j in T.unroll(8):
+                    for t in T.unroll(TB):
+                        for l in T.vectorized(L):
+                            gacc[t, j % A, l] = gacc[t, j % A, l] + x[
+                                T.min(r0 + t, S - 1), T.min(g * GS + kw * 8 + j, K - 1)] * T.Cast(
+                                "float32", T.bitwise_and(T.shift_right(w[nb, g * WPG + kw, l], T.uint32(4 * j)),
+                                                         T.uint32(15)))
+            for t in T.unroll(TB):
+                for l in T.vectorized(L):
+                    acc[t, l] = acc[t, l] - xs[T.min(r0 + t, S - 1), g] * T.Cast("float32", sc[nb, g, l])
+                for a in T.unroll(A):
+                    for l in T.vectorized(L):
+                        acc[t, l] = acc[t, l] + gacc[t, a, l] * T.Cast("float32", sc[nb, g, l])
+        for t in T.unroll(TB):
+            if r0 + t < S:
+                for l in T.vectorized(L):
+                    y[r0 + t, nb * L + l] = acc[t, l]
+
+    @T.prim_func(private=True)
+    def linear_q4(x_h: T.handle, w: T.Buffer((NB, KW, L), "uint32"), sc: T.Buffer((NB, G, L), sdtype),
+                  y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
+        S = T.int64()
+        x3 = T.match_buffer(x_h, (1, S, K), "float32")      # [1, seq, K] as the graph has it: no reshape
+        y3 = T.match_buffer(y_h, (1, S, N), "float32")
+        x = T.decl_buffer((S, K), "float32", data=x3.data)
+        y = T.decl_buffer((S, N), "float32", data=y3.data)
+        xs = T.alloc_buffer((S, G), "float32")
+        for r in T.parallel(S):
+            for g in range(G):
+                xs[r, g] = T.float32(0)
+                for e in range(T.min(GS, KW * 8 - g * GS)):
+                    xs[r, g] = xs[r, g] + x[r, T.min(g * GS + e, K - 1)] * T.float32(8)
+        for nb in T.parallel(NB):
+            if S == 1:
+                tile(x, w, sc, xs, y, nb, T.int64(0), S, 1, 2)
+            else:
+                for sb in range((S + ROWS - 1) // ROWS):
+                    tile(x, w, sc, xs, y, nb, sb * ROWS, S, ROWS, 1)
+
+    return linear_q4
+
+
+def embedding(scheme: Scheme, k: int, n: int, lanes: int):
+    """out[0, s, :] = column ids[0, s] of the packed [K, N] weight (K = hidden, N = vocab)."""
+    K, N, L = k, n, lanes
+    NB = N // L
+    if scheme.kind == "float" or scheme.bits == 8:
+        wdtype = scheme.weight_dtype if scheme.kind == "float" else "int8"
+        scaled = scheme.kind != "float"
+        GS = scheme.group_size or K
+        sshape = (NB, -(-K // GS), L) if scaled else (1, 1, 1)
+        sdt = scheme.scale_dtype if scaled else "float32"
+
+        @T.prim_func(private=True)
+        def embed_dense(ids_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
+                        out_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "llamac.kernel": "embedding", "op_pattern": OPAQUE})
+            S = T.int64()
+            ids = T.match_buffer(ids_h, (1, S), "int64")
+            out = T.match_buffer(out_h, (1, S, K), "float32")
+            for s in T.parallel(S):
+                for h in range(K):
+                    if scaled:
+                        out[0, s, h] = T.Cast("float32", w[ids[0, s] // L, h, ids[0, s] % L]) * T.Cast(
+                            "float32", sc[ids[0, s] // L, h // GS, ids[0, s] % L])
+                    else:
+                        out[0, s, h] = T.Cast("float32", w[ids[0, s] // L, h, ids[0, s] % L])
+
+        return embed_dense
+
+    GS = scheme.group_size
+    G = -(-K // GS)
+    KW = -(-K // 8)
+
+    @T.prim_func(private=True)
+    def embed_q4(ids_h: T.handle, w: T.Buffer((NB, KW, L), "uint32"), sc: T.Buffer((NB, G, L), scheme.scale_dtype),
+                 out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "embedding", "op_pattern": OPAQUE})
+        S = T.int64()
+        ids = T.match_buffer(ids_h, (1, S), "int64")
+        out = T.match_buffer(out_h, (1, S, K), "float32")
+        for s in T.parallel(S):
+            for h in range(K):
+                out[0, s, h] = (T.Cast("float32", T.bitwise_and(T.shift_right(
+                    w[ids[0, s] // L, h // 8, ids[0, s] % L], T.Cast("uint32", 4 * (h % 8))), T.uint32(15)))
+                    - T.float32(8)) * T.Cast("float32", sc[ids[0, s] // L, h // GS, ids[0, s] % L])
+
+    return embed_q4
+
+
+def kv_write(kv_heads: int, capacity: int, head_dim: int):
+    """cache[0, h, total - S + i, :] = new[0, h, i, :]; the cache is updated in place (call_tir_inplace)."""
+    H, C, D = kv_heads, capacity, head_dim
+
+    @T.prim_func(private=True)
+    def kv_write(cache: T.Buffer((1, H, C, D), "float32"), new_h: T.handle, total: T.int64):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "kv_write", "op_pattern": OPAQUE})
+        S = T.int64()
+        new = T.match_buffer(new_h, (1, H, S, D), "float32")
+        for h in T.parallel(H):
+            for i in range(S):
+                for d in T.vectorized(D):
+                    cache[0, h, total - S + i, d] = new[0, h, i, d]
+
+    return kv_write
+
+
+def _vec(d: int) -> int:
+    for v in (8, 4, 2):
+        if d % v == 0:
+            return v
+    return 1
+
+
+def attn_scores(kv_heads: int, capacity: int, head_dim: int):
+    """out[0, h, r, j] = q[0, h, r, :] . k[0, h, j, :] for j < total (R query rows per kv head: GQA groups x seq)."""
+    H, C, D = kv_heads, capacity, head_dim
+    V = _vec(D)
+    JB = 32
+
+    @T.prim_func(private=True)
+    def attn_scores(q_h: T.handle, k: T.Buffer((1, H, C, D), "float32"), out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "attn_scores", "op_pattern": OPAQUE})
+        R = T.int64()
+        total = T.int64()
+        q = T.match_buffer(q_h, (1, H, R, D), "float32")
+        out = T.match_buffer(out_h, (1, H, R, total), "float32")
+        for hb in T.parallel(H * ((total + JB - 1) // JB)):
+            acc = T.alloc_buffer((V,), "float32", scope="local")
+            h = hb // ((total + JB - 1) // JB)
+            j0 = hb % ((total + JB - 1) // JB) * JB
+            for jj in range(T.min(JB, total - j0)):
+                for r in range(R):
+                    for v in T.vectorized(V):
+                        acc[v] = T.float32(0)
+                    for d0 in range(D // V):
+                        for v in T.vectorized(V):
+                            acc[v] = acc[v] + q[0, h, r, d0 * V + v] * k[0, h, j0 + jj, d0 * V + v]
+                    out[0, h, r, j0 + jj] = T.float32(0)
+                    for v in range(V):
+                        out[0, h, r, j0 + jj] = out[0, h, r, j0 + jj] + acc[v]
+
+    return attn_scores
+
+
+def attn_values(kv_heads: int, capacity: int, head_dim: int):
+    """out[0, h, r, :] = sum_j p[0, h, r, j] * v[0, h, j, :] for j < total."""
+    H, C, D = kv_heads, capacity, head_dim
+
+    @T.prim_func(private=True)
+    def attn_values(p_h: T.handle, v: T.Buffer((1, H, C, D), "float32"), out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "attn_values", "op_pattern": OPAQUE})
+        R = T.int64()
+        total = T.int64()
+        p = T.match_buffer(p_h, (1, H, R, total), "float32")
+        out = T.match_buffer(out_h, (1, H, R, D), "float32")
+        for hr in T.parallel(H * R):
+            acc = T.alloc_buffer((D,), "float32", scope="local")
+            h = hr // R
+            r = hr % R
+            for d in T.vectorized(D):
+                acc[d] = T.float32(0)
+            for j in range(total):
+                for d in T.vectorized(D):
+                    acc[d] = acc[d] + p[0, h, r, j] * v[0, h, j, d]
+            for d in T.vectorized(D):
+                out[0, h, r, d] = acc[d]
+
+    return attn_values

@@ -1,0 +1,381 @@
+"""Rewrite the imported Relax function into the step function an artifact runs.
+
+What changes (everything else in the graph stays as the importer built it):
+- KV cache: each `concat(past_kv, new)` becomes an in-place write of the new rows into a fixed-capacity cache
+  parameter [1, kv_heads, capacity, head_dim] (`call_tir_inplace`, rows total-seq .. total); the two attention
+  matmuls that read the concatenation become kernels that read the cache's valid prefix [0, total) directly. No
+  per-step copy of the cache exists, and the present.* outputs disappear (the caller owns the cache buffers).
+- Linear layers: `matmul(x, W)` with W a weight parameter becomes a call of the dequantizing kernel of the scheme, on
+  packed parameters (codes + scales); `take(W, ids)` on an embedding becomes the matching gather kernel.
+- Logits: the lm_head runs on the last position only ([1, 1, vocab]): a session only needs those.
+
+New signature (of "main", any seq, and "decode", seq = 1): f(input_ids [1, seq], attention_mask [1, total],
+position_ids [1, seq], cache_k_0, cache_v_0, ..., <packed weights>) -> logits [1, 1, vocab], the first 3 + 2 * layers
+parameters being the run-time inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from llamac import tvm_kernels
+from llamac.errors import InputError
+from llamac.export.config import ModelConfig
+from llamac.quantize import Scheme, SCHEMES, packed_shapes, pick_lanes
+from llamac.tvm_import import Imported
+
+_OP = {n: tvm.ir.Op.get(f"relax.{n}") for n in
+       ("concat", "matmul", "permute_dims", "expand_dims", "reshape", "take", "astype", "shape_of")}
+
+
+@dataclasses.dataclass
+class PackedWeight:
+    """How one ONNX weight is stored in the artifact: logical [K, N] (transposed from the ONNX tensor if `transpose`)."""
+    name: str
+    k: int
+    n: int
+    lanes: int
+    scheme: Scheme
+    transpose: bool           # ONNX tensor is [N, K] (an untied embedding [vocab, hidden])
+    arrays: dict[str, tuple[tuple[int, ...], str]]   # array key -> (shape, dtype) in kernel layout
+
+    def param_name(self, key: str) -> str:
+        return f"{self.name}::{key}"
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """The rewritten module plus what the artifact must store, in parameter order."""
+    mod: tvm.IRModule
+    num_inputs: int
+    packed: dict[str, PackedWeight]            # quantized weights by ONNX name
+    plain: list[str]                           # weights stored as they are (norms), ONNX names
+    params: list[tuple[str, str | None]]       # (ONNX weight name, array key or None for plain), in order
+    logits_last_only: bool
+
+
+def _call_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and expr.op.same_as(_OP[name])
+
+
+def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes: int) -> tuple[dict, list]:
+    """Decide per weight parameter: packed linear/embedding weight, or stored as is."""
+    func = imported.mod["main"]
+    by_var = {p: n for n, p in zip(imported.param_names, func.params)}
+    uses: dict[str, set] = {}
+    for binding in _bindings(func):
+        value = binding.value
+        if _call_op(value, "matmul"):
+            w = value.args[1]
+            if w in by_var and _is_weight(by_var[w]):
+                uses.setdefault(by_var[w], set()).add("linear")
+                continue
+        if _call_op(value, "shape_of"):
+            continue            # only reads the static shape; rewritten to a constant
+        if _call_op(value, "take") and value.args[0] in by_var and _is_weight(by_var[value.args[0]]):
+            axis = int(value.attrs.axis)
+            uses.setdefault(by_var[value.args[0]], set()).add(f"embed{axis}")
+            continue
+        for arg in _var_args(value):
+            if arg in by_var and _is_weight(by_var[arg]):
+                uses.setdefault(by_var[arg], set()).add("plain")
+    packed, plain = {}, []
+    for var in func.params:
+        name = by_var[var]
+        if not _is_weight(name):
+            continue
+        kinds = uses.get(name, set())
+        shape = [int(d) for d in var.ty.shape.values]
+        if not kinds or kinds == {"plain"}:
+            plain.append(name)
+            continue
+        if "plain" in kinds or len(shape) != 2 or ("embed0" in kinds and "linear" in kinds):
+            raise InputError(f"weight {name} is used in a way the compiler does not support ({sorted(kinds)})")
+        is_embed = any(k.startswith("embed") for k in kinds)
+        transpose = "embed0" in kinds                       # [vocab, hidden] gathered by rows
+        k, n = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
+        sch = embed_scheme if is_embed else scheme
+        ln = pick_lanes(n, lanes)
+        packed[name] = PackedWeight(name, k, n, ln, sch, transpose, packed_shapes(sch, k, n, ln))
+    return packed, plain
+
+
+def _is_weight(onnx_name: str) -> bool:
+    return onnx_name.startswith(("model.", "lm_head."))
+
+
+def _bindings(func: relax.Function):
+    for block in func.body.blocks:
+        yield from block.bindings
+
+
+def _var_args(value) -> list:
+    out = []
+    if isinstance(value, relax.Call):
+        for a in value.args:
+            if isinstance(a, relax.Tuple):
+                out.extend(a.fields)
+            else:
+                out.append(a)
+    elif isinstance(value, relax.Tuple):
+        out.extend(value.fields)
+    return out
+
+
+def rewrite(imports: dict[str, Imported], cfg: ModelConfig, capacity: int, scheme: Scheme, lanes: int,
+            quantize_embeddings: bool = True) -> StepPlan:
+    """One step function per import, e.g. {"main": any seq length, "decode": seq fixed to 1}; they share kernels,
+    weights (same parameter order) and caches. A static seq makes the decode step's VM program much shorter."""
+    embed_scheme = scheme if quantize_embeddings else SCHEMES["f32"]
+    first = next(iter(imports.values()))
+    packed, plain = plan_weights(first, scheme, embed_scheme, lanes)
+    mod, kernels, params, sliced = None, {}, [], True
+    for fname, imported in imports.items():
+        new_params, caches, weight_vars, params = _signature(imported, cfg, capacity, packed, plain)
+        mutator = _StepRewriter(imported, cfg, capacity, packed, weight_vars, caches, mod, kernels)
+        body = mutator.rewrite_body(imported.mod["main"])
+        mutator.check_complete()
+        sliced = sliced and mutator.sliced_logits
+        num_inputs = 3 + len(caches)
+        func = relax.Function(new_params, body).with_attrs({"num_input": num_inputs, "global_symbol": fname})
+        mod = mutator.builder_.get()
+        mod[fname] = func
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return StepPlan(mod, num_inputs, packed, plain, params, sliced)
+
+
+def _signature(imported: Imported, cfg: ModelConfig, capacity: int, packed: dict, plain: list):
+    """New parameters: the 3 inputs, one cache per layer and kind, then the weights (packed ones as their arrays)."""
+    func = imported.mod["main"]
+    by_name = dict(zip(imported.param_names, func.params))
+    kv_type = relax.TensorType([1, cfg.num_kv_heads, capacity, cfg.head_dim], "float32")
+    inputs = [by_name["input_ids"], by_name["attention_mask"], by_name["position_ids"]]
+    caches: dict = {}   # past var -> cache var
+    for layer in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            caches[by_name[f"past_key_values.{layer}.{kind}"]] = relax.Var(f"cache_{kind[0]}_{layer}", kv_type)
+    params: list[tuple[str, str | None]] = []
+    weight_vars: dict[str, dict[str, relax.Var]] = {}
+    new_params = inputs + list(caches.values())
+    for name in imported.param_names:
+        if name in packed:
+            pw = packed[name]
+            weight_vars[name] = {}
+            for key, (shape, dtype) in pw.arrays.items():
+                v = relax.Var(pw.param_name(key).replace(".", "_").replace("::", "__"),
+                              relax.TensorType(list(shape), dtype))
+                weight_vars[name][key] = v
+                new_params.append(v)
+                params.append((name, key))
+        elif name in plain:
+            new_params.append(by_name[name])
+            params.append((name, None))
+    return new_params, caches, weight_vars, params
+
+
+@relax.expr_functor.mutator
+class _StepRewriter(relax.PyExprMutator):
+    def __init__(self, imported: Imported, cfg: ModelConfig, capacity: int, packed: dict, weight_vars: dict,
+                 caches: dict, base: tvm.IRModule | None, kernels: dict):
+        super().__init__(base if base is not None else imported.mod)
+        self.cfg, self.capacity = cfg, capacity
+        self.seq, self.total = imported.seq, imported.total
+        self.packed, self.weight_vars, self.caches = packed, weight_vars, caches
+        func = imported.mod["main"]
+        self.var2val = relax.analysis.get_var2val(func)
+        self.by_var = {p: n for n, p in zip(imported.param_names, func.params)}
+        self.kernels = kernels         # shared by all step functions of the module
+        # PrimFuncs the importer made (flip, ...) must move into the shared module when it is not the import's own
+        self.imported_prims = {} if base is None else {
+            gv: f for gv, f in imported.mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+        self.gv_map: dict = {}
+        self.written: set = set()      # past K/V vars whose concat became an in-place write
+        self.rewritten_attn = 0
+        self.sliced_logits = False
+        out = func.body.body
+        self.out_tuple = self.var2val.get(out) if isinstance(out, relax.Var) else out
+        if isinstance(self.out_tuple, relax.Tuple):
+            self.logits_call = self._producer(self.out_tuple.fields[0], ("reshape", "astype"))
+        else:
+            self.logits_call = self._producer(out, ("reshape", "astype"))
+
+    # ---- driving
+    def rewrite_body(self, func: relax.Function) -> relax.Expr:
+        for old, new in self.caches.items():
+            self.set_var_remap(old, new)
+        return self.visit_with_new_scope(func.body)
+
+    def check_complete(self) -> None:
+        if len(self.written) != 2 * self.cfg.num_layers:
+            raise InputError(f"the graph does not have the expected KV cache concat per layer "
+                             f"({len(self.written)} of {2 * self.cfg.num_layers} found)")
+        if self.rewritten_attn != 2 * self.cfg.num_layers:
+            raise InputError("the graph's attention does not read the KV cache through matmuls the compiler "
+                             f"recognises ({self.rewritten_attn} of {2 * self.cfg.num_layers})")
+
+    # ---- helpers
+    def _producer(self, expr, through: tuple[str, ...]):
+        """The call that produces expr, looking through the given shape-only ops."""
+        while isinstance(expr, relax.Var) and expr in self.var2val:
+            value = self.var2val[expr]
+            if any(_call_op(value, n) for n in through):
+                expr = value.args[0]
+                continue
+            return value
+        return None
+
+    def _trace_cache(self, expr):
+        """(past var, transposed?, concat var) if expr is the concatenated K/V, possibly transposed (K^T) or given
+        unit dims (the GQA broadcast); None otherwise."""
+        permuted = False
+        while isinstance(expr, relax.Var) and expr in self.var2val:
+            value = self.var2val[expr]
+            if _call_op(value, "concat"):
+                fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else []
+                if len(fields) == 2 and fields[0] in self.caches:
+                    return fields[0], permuted, expr
+                return None
+            if _call_op(value, "permute_dims"):
+                axes = [int(a) for a in value.attrs.axes]
+                n = len(axes)
+                if permuted or axes != list(range(n - 2)) + [n - 1, n - 2]:
+                    return None
+                permuted = True
+            elif not (_call_op(value, "expand_dims") or _call_op(value, "reshape")):
+                return None
+            expr = value.args[0]
+        return None
+
+    def _kernel(self, key, make):
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(make(), f"{key[0]}_{len(self.kernels)}")
+        return self.kernels[key]
+
+    def _emit(self, expr):
+        return self.builder_.emit(expr)
+
+    def _f32(self, expr):
+        """Kernels compute in f32; an f16 export's activations are cast on the way in (and back on the way out)."""
+        return expr if expr.ty.dtype == "float32" else self._emit(relax.op.astype(expr, "float32"))
+
+    def _like(self, expr, call):
+        dtype = call.ty.dtype
+        return expr if dtype == "float32" else relax.op.astype(self._emit(expr), dtype)
+
+    # ---- the rewrite
+    def visit_global_var_(self, gv: tvm.ir.GlobalVar) -> relax.Expr:
+        if gv in self.imported_prims:
+            if gv not in self.gv_map:
+                self.gv_map[gv] = self.builder_.add_func(self.imported_prims[gv], gv.name_hint)
+            return self.gv_map[gv]
+        return gv
+
+    def visit_tuple_(self, op: relax.Tuple) -> relax.Expr:
+        if self.out_tuple is not None and op.same_as(self.out_tuple):
+            return self.visit_expr(op.fields[0])       # logits only: the caches are updated in place
+        return super().visit_tuple_(op)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        if _call_op(call, "concat"):
+            fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else []
+            if len(fields) == 2 and fields[0] in self.caches:
+                return self._kv_write(call, fields[0], fields[1])
+        if _call_op(call, "matmul"):
+            traced = self._trace_cache(call.args[1])
+            if traced is not None:
+                return self._attention(call, *traced)
+            w = call.args[1]
+            if w in self.by_var and self.by_var[w] in self.packed:
+                return self._linear(call, self.packed[self.by_var[w]])
+        if _call_op(call, "take") and call.args[0] in self.by_var and self.by_var[call.args[0]] in self.packed:
+            return self._embedding(call, self.packed[self.by_var[call.args[0]]])
+        if _call_op(call, "shape_of") and call.args[0] in self.by_var and self.by_var[call.args[0]] in self.packed:
+            return relax.ShapeExpr(list(call.args[0].ty.shape.values))
+        return super().visit_call_(call)
+
+    def _kv_write(self, call, past, new):
+        cfg = self.cfg
+        gv = self._kernel(("kv_write",), lambda: tvm_kernels.kv_write(cfg.num_kv_heads, self.capacity, cfg.head_dim))
+        self.written.add(past)
+        cache = self.caches[past]
+        new = self._f32(self.visit_expr(new))
+        return relax.call_tir_inplace(gv, [cache, new, relax.prim_value(self.total)], [0], cache.ty)
+
+    def _attention(self, call, past, permuted, concat_var):
+        cfg = self.cfg
+        kvh, d, total = cfg.num_kv_heads, cfg.head_dim, self.total
+        cache = self.get_var_remap(concat_var)   # the written cache (binding var of the in-place write)
+        x = self._f32(self.visit_expr(call.args[0]))
+        xshape = list(x.ty.shape.values)
+        out_shape = list(call.ty.shape.values)
+        if len(xshape) < 3 or not _equal(xshape[0], 1) or not _equal(xshape[1], kvh):
+            raise InputError(f"attention operand of shape {xshape} is not [1, kv_heads={kvh}, ...]")
+        rows = _prod(xshape[2:-1])
+        if permuted:        # scores = q . K^T: q [1, kv, rows, d]
+            gv = self._kernel(("attn_scores",), lambda: tvm_kernels.attn_scores(kvh, self.capacity, d))
+            q = self._emit(relax.op.reshape(x, [1, kvh, rows, d]))
+            out = self._emit(relax.call_tir(gv, [q, cache], relax.TensorType([1, kvh, rows, total], "float32")))
+            out_shape[-1] = total
+        else:               # out = P . V: p [1, kv, rows, total]
+            gv = self._kernel(("attn_values",), lambda: tvm_kernels.attn_values(kvh, self.capacity, d))
+            p = self._emit(relax.op.reshape(x, [1, kvh, rows, total]))
+            out = self._emit(relax.call_tir(gv, [p, cache], relax.TensorType([1, kvh, rows, d], "float32")))
+        self.rewritten_attn += 1
+        return self._like(relax.op.reshape(out, out_shape), call)
+
+    def _linear(self, call, pw: PackedWeight):
+        x = self._f32(self.visit_expr(call.args[0]))
+        xshape = list(x.ty.shape.values)
+        if call.same_as(self.logits_call) and isinstance(self.seq, int) and self.seq == 1:
+            self.sliced_logits = True
+        elif call.same_as(self.logits_call) and len(xshape) == 3:
+            # only the last position's logits are needed: slice before the lm_head (norms are per position)
+            x = self._emit(relax.op.strided_slice(x, axes=[1], begin=[self.seq - 1], end=[self.seq]))
+            xshape = [xshape[0], 1, xshape[2]]
+            self.sliced_logits = True
+        gv = self._kernel(("linear", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                          lambda: tvm_kernels.linear(pw.scheme, pw.k, pw.n, pw.lanes))
+        x3 = x if len(xshape) == 3 and _equal(xshape[0], 1) else self._emit(
+            relax.op.reshape(x, [1, _prod(xshape[:-1]), pw.k]))
+        rows = list(x3.ty.shape.values)[1]
+        wv = self.weight_vars[pw.name]
+        args = [x3, wv.get("w", wv.get("q")), wv.get("scale", self._zero_scale(pw))]
+        y = relax.call_tir(gv, args, relax.TensorType([1, rows, pw.n], "float32"))
+        if x3 is not x:
+            y = relax.op.reshape(self._emit(y), xshape[:-1] + [pw.n])
+        return self._like(y, call)
+
+    @staticmethod
+    def _zero_scale(pw: PackedWeight):
+        # float kernels take an unused [1, 1, 1] scale so that all weight kernels share one signature
+        return relax.const(np.zeros((1, 1, 1), np.float32))
+
+    def _embedding(self, call, pw: PackedWeight):
+        ids = self.visit_expr(call.args[1])
+        axis = int(call.attrs.axis)
+        ishape = list(ids.ty.shape.values)
+        if len(ishape) != 2 or not _equal(ishape[0], 1):
+            raise InputError(f"embedding lookup with ids of shape {ishape} (expected [1, seq])")
+        gv = self._kernel(("embedding", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                          lambda: tvm_kernels.embedding(pw.scheme, pw.k, pw.n, pw.lanes))
+        wv = self.weight_vars[pw.name]
+        ids = self._emit(relax.op.astype(ids, "int64"))
+        args = [ids, wv.get("w", wv.get("q")), wv.get("scale", self._zero_scale(pw))]
+        out = relax.call_tir(gv, args, relax.TensorType([1, ishape[1], pw.k], "float32"))
+        if axis == 1:                                                # take(W[H, V], ids, axis=1) -> [H, 1, seq]
+            out = relax.op.permute_dims(self._emit(out), [2, 0, 1])
+        return self._like(out, call)
+
+
+def _equal(a, b) -> bool:
+    return isinstance(a, (int, tvm.tirx.IntImm)) and int(a) == b
+
+
+def _prod(dims):
+    out = 1
+    for d in dims:
+        out = out * d
+    return out

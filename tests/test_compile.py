@@ -1,0 +1,213 @@
+"""Compile: artifacts compute what the exported graph (f32) or their dequantized weights (q8/q4) compute,
+cross-compiled libraries are for the right CPU, and bad input fails cleanly without leaving anything behind."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from compile_helpers import (CONTEXT, PROMPT, STEPS, artifact_steps, compile_tiny, compiled, exported, hf_steps,
+                             ort_steps, rel_err)
+from hf_models import CONFIGS
+
+from llamac import artifact
+from llamac.errors import InputError
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("compile")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_f32_matches_onnxruntime(name, root):
+    _, export_dir = exported(root, name)
+    got, ref = artifact_steps(compiled(root, name, "f32")), ort_steps(export_dir)
+    for n, (g, r) in enumerate(zip(got, ref)):
+        assert rel_err(g, r) < TOL, f"step {n}"
+
+
+@pytest.mark.parametrize("name,quant", [("llama2_mha", "q8"), ("llama3_gqa_tied", "q4"),
+                                        ("explicit_head_dim", "q4-g64-f32")])
+def test_quantized_matches_transformers_on_dequantized_weights(name, quant, root, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    art = compiled(root, name, quant)
+    deq = artifact.dequantize(art, tmp_path / "deq")
+    model = LlamaForCausalLM.from_pretrained(deq).eval()
+    got, ref = artifact_steps(art), hf_steps(model)
+    for n, (g, r) in enumerate(zip(got, ref)):
+        assert rel_err(g, r) < TOL, f"step {n}"
+
+
+def test_q4_weights_size_and_inspect(root):
+    art = compiled(root, "llama3_gqa_tied", "q4")
+    m = json.loads((art / "manifest.json").read_text())
+    linear = [t for t in m["weights"]["tensors"] if t["group"] in ("attention", "mlp", "embedding", "lm_head")]
+    params = sum(t["quant"]["k"] * t["quant"]["n"] for t in linear if t["key"] == "q")
+    assert sum(t["nbytes"] for t in linear) / params <= 0.6
+    text = artifact.describe(art)
+    for group in ("embedding", "attention", "mlp", "norm", "total"):   # tied: the embedding is the lm_head
+        assert group in text
+    assert "q4" in text and "x86_64" in text
+
+
+def test_session_appends_and_resets(root):
+    from llamac.runtime.tvm_backend import TVMModel
+
+    m = TVMModel(compiled(root, "llama3_gqa_tied", "f32"))
+    whole = m.session().prefill(PROMPT + STEPS)
+    s = m.session()
+    s.prefill(PROMPT)
+    s.prefill(STEPS[:2])                       # a second turn appends to the cache
+    s.decode(STEPS[2])
+    assert rel_err(s.decode(STEPS[3]), whole) < TOL and s.n_past == len(PROMPT) + len(STEPS)
+    s.reset()
+    assert s.n_past == 0 and rel_err(s.prefill(PROMPT + STEPS), whole) < TOL
+    with pytest.raises(InputError, match="context"):
+        s.prefill([5] * CONTEXT)
+
+
+def test_tampered_artifact_is_refused(root, tmp_path):
+    import shutil
+
+    from llamac.runtime.tvm_backend import TVMModel
+
+    art = shutil.copytree(compiled(root, "llama2_mha", "q8"), tmp_path / "art")
+    weights = art / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="checksum"):
+        TVMModel(art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="format version"):
+        TVMModel(art)
+
+
+@pytest.mark.parametrize("target", ["arm64", pytest.param("rpi5", marks=pytest.mark.slow)])
+def test_arm64_artifact_is_aarch64_elf(target, root):
+    art = compiled(root, "llama3_gqa_tied", "q4", target)
+    head = (art / "model.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and head[4] == 2              # 64-bit ELF
+    assert int.from_bytes(head[18:20], "little") == 183          # e_machine EM_AARCH64
+    assert json.loads((art / "manifest.json").read_text())["target"]["arch"] == "aarch64"
+    with pytest.raises(InputError, match="aarch64"):              # not runnable on this x86 host
+        from llamac.runtime.tvm_backend import TVMModel
+        TVMModel(art)
+
+
+GUEST_STEPS = """
+import json, sys
+from llamac.runtime.tvm_backend import TVMModel
+s = TVMModel(sys.argv[1]).session()
+out = [s.prefill(json.loads(sys.argv[2]))] + [s.decode(t) for t in json.loads(sys.argv[3])]
+print(json.dumps([o.tolist() for o in out]))
+"""
+
+
+def test_arm64_artifact_runs_under_emulation_and_matches_x86(root):
+    """The aarch64 library, run by TVM's runtime in an emulated arm64 Python, gives the x86 logits."""
+    import numpy as np
+
+    from llamac.runtime import emulate
+
+    art = compiled(root, "llama3_gqa_tied", "q4", "arm64")
+    r = emulate.emulated_python(["-c", GUEST_STEPS, str(art), json.dumps(PROMPT), json.dumps(STEPS)], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [np.array(x, np.float32) for x in json.loads(r.stdout.strip().splitlines()[-1])]
+    ref = artifact_steps(compiled(root, "llama3_gqa_tied", "q4"))
+    for n, (g, x) in enumerate(zip(got, ref)):
+        assert rel_err(g, x) < TOL, f"step {n}"
+
+
+# ---------------------------------------------------------------- bad input: one clear error, nothing left behind
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if name in p.name]
+
+
+def _corrupt(export_dir: Path, dest: Path, how: str) -> Path:
+    import shutil
+    shutil.copytree(export_dir, dest)
+    if how == "truncated weights":
+        data = dest / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif how == "garbage graph":
+        (dest / "model.onnx").write_bytes(b"not a protobuf \x00\xff" * 10)
+    elif how == "no config":
+        (dest / "config.json").unlink()
+    elif how == "bad config":
+        (dest / "config.json").write_text('{"hidden_size": "big"')
+    return dest
+
+
+@pytest.mark.parametrize("case", ["unknown target", "unknown scheme", "malformed target file", "missing compiler",
+                                  "webgpu not built", "truncated weights", "garbage graph", "no config",
+                                  "bad config", "missing source", "context too long"])
+def test_bad_input(case, root, tmp_path):
+    _, export_dir = exported(root, "llama2_mha")
+    src, target, quant, kw = export_dir, "x86_64", "q4", {}
+    if case == "unknown target":
+        target = "pdp11"
+    elif case == "unknown scheme":
+        quant = "q3"
+    elif case == "malformed target file":
+        target = tmp_path / "bad.toml"
+        target.write_text('name = "bad"\n[llvm\nmtriple = ')
+    elif case == "missing compiler":
+        target = tmp_path / "board.toml"
+        target.write_text('name = "board"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n'
+                          '[build]\ncc = "no-such-cross-g++"\ncc_package = "g++-no-such"\n')
+    elif case == "webgpu not built":
+        target = "webgpu"
+    elif case in ("truncated weights", "garbage graph", "no config", "bad config"):
+        src = _corrupt(export_dir, tmp_path / "broken", case)
+    elif case == "missing source":
+        src = tmp_path / "nowhere"
+    elif case == "context too long":
+        kw["max_seq_len"] = 10 ** 6
+    out = tmp_path / "art"
+    with pytest.raises(InputError) as e:
+        from llamac.compiler import compile_model
+        compile_model(src, target, quant=quant, out=out, progress=False, max_seq_len=kw.get("max_seq_len", 32))
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300
+    assert not out.exists() and not _leftovers(tmp_path, "art")
+    if case == "missing compiler":
+        assert "no-such-cross-g++" in msg and "g++-no-such" in msg
+
+
+def test_existing_output_needs_force(root, tmp_path):
+    _, export_dir = exported(root, "llama2_mha")
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="exists"):
+        compile_tiny(export_dir, out, "x86_64", "q8")      # refused before any work
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_android_needs_ndk(root, tmp_path, monkeypatch):
+    for var in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", os.defpath)
+    _, export_dir = exported(root, "llama2_mha")
+    with pytest.raises(InputError, match="NDK"):
+        compile_tiny(export_dir, tmp_path / "art", "android-arm64", "q4")
+    assert not (tmp_path / "art").exists()
+
+
+def test_compiles_from_checkpoint(root, tmp_path):
+    """SRC may be a checkpoint: it is exported on the way (into a temporary directory)."""
+    model, _ = exported(root, "codellama_theta")
+    art = compile_tiny(root / "codellama_theta" / "hf", tmp_path / "art", "x86_64", "f32")
+    got, ref = artifact_steps(art), hf_steps(model)
+    assert rel_err(got[-1], ref[-1]) < TOL
+    assert not list(tmp_path.glob(".art*"))

@@ -1,0 +1,143 @@
+"""Quantization schemes: sound on random weights, compact on disk, and the kernels compute exactly the numpy
+dequantization (the same math `llamac inspect --dequantize` writes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llamac.errors import InputError
+from llamac.quantize import (SCHEMES, dequantize, get_scheme, pack, packed_shapes, pick_lanes, quantize,
+                             relative_error, unpack)
+
+RNG = np.random.default_rng(0)
+# [in, out] like the ONNX MatMul weights; 172 and 100 inputs are not multiples of the group size (nor of 8)
+SHAPES = [(64, 64), (256, 96), (172, 64), (100, 20)]
+
+
+@pytest.mark.parametrize("scheme,limit", [("q8", 0.015), ("q4", 0.12), ("q4-g64", 0.12), ("f16", 0.001)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relative_weight_error(scheme, limit, shape):
+    w = RNG.standard_normal(shape).astype(np.float32)
+    assert relative_error(w, get_scheme(scheme)) <= limit
+
+
+def test_scales_scale_with_the_weights():
+    w = RNG.standard_normal((128, 32)).astype(np.float32)
+    for name in ("q8", "q4"):
+        a, b = relative_error(w, get_scheme(name)), relative_error(w * 1e-3, get_scheme(name))
+        assert abs(a - b) < 0.01
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "q8", "q4", "q4-g64-f32", "q8-g32"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_unpack_roundtrip(name, shape):
+    s = get_scheme(name)
+    k, n = shape
+    qt = quantize(RNG.standard_normal(shape).astype(np.float32), s)
+    for lanes in (1, 4, 16):
+        ln = pick_lanes(n, lanes)
+        arrays = pack(qt, ln)
+        assert {key: (a.shape, str(a.dtype)) for key, a in arrays.items()} == packed_shapes(s, k, n, ln)
+        assert np.array_equal(dequantize(unpack(arrays, s, k, n)), dequantize(qt))
+
+
+def test_q4_bytes_per_param():
+    for k, n in [(1024, 1024), (1024, 2816), (172, 64)]:
+        arrays = pack(quantize(RNG.standard_normal((k, n)).astype(np.float32), SCHEMES["q4"]), 16)
+        assert sum(a.nbytes for a in arrays.values()) / (k * n) <= 0.6
+
+
+def test_scheme_registry_and_variants():
+    assert set(SCHEMES) == {"f32", "f16", "q8", "q4"}
+    assert SCHEMES["q4"].group_size == 32 and SCHEMES["q4"].scale_dtype == "float16"
+    assert SCHEMES["q8"].group_size is None           # one scale per output channel
+    v = get_scheme("q4-g128-f32")
+    assert (v.bits, v.group_size, v.scale_dtype) == (4, 128, "float32")
+    for bad in ("q3", "int4", "q4-g12", "q4-g0", ""):
+        with pytest.raises(InputError):
+            get_scheme(bad)
+
+
+def test_zero_and_constant_groups():
+    w = np.zeros((64, 8), np.float32)
+    w[:, 3] = 0.5
+    for name in ("q8", "q4"):
+        assert np.allclose(dequantize(quantize(w, get_scheme(name))), w)
+
+
+# ---------------------------------------------------------------- kernels = numpy dequantization
+
+@pytest.fixture(scope="module")
+def build():
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"})
+
+    def _build(func):
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        return tvm.compile(mod, target=target).jit()["main"], tvm
+    return _build
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "q8", "q4", "q4-g64-f32"])
+@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 48, 5), (100, 20, 3)])
+def test_linear_kernel_is_numpy_dequantization(build, name, k, n, rows):
+    from llamac import tvm_kernels
+
+    s = get_scheme(name)
+    lanes = pick_lanes(n, 16)
+    qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
+    arrays = pack(qt, lanes)
+    x = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    f, tvm = build(tvm_kernels.linear(s, k, n, lanes))
+    scale = arrays.get("scale", np.zeros((1, 1, 1), np.float32))
+    y = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
+    f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))), tvm.runtime.tensor(scale), y)
+    ref = x[0] @ dequantize(qt)
+    assert np.abs(y.numpy()[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", ["f32", "q8", "q4"])
+def test_embedding_kernel_is_numpy_dequantization(build, name):
+    from llamac import tvm_kernels
+
+    s = get_scheme(name)
+    k, n, lanes = 72, 48, 16
+    qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
+    arrays = pack(qt, lanes)
+    ids = np.array([[0, 47, 5, 5, 30]], np.int64)
+    f, tvm = build(tvm_kernels.embedding(s, k, n, lanes))
+    out = tvm.runtime.tensor(np.zeros((1, 5, k), np.float32))
+    scale = arrays.get("scale", np.zeros((1, 1, 1), np.float32))
+    f(tvm.runtime.tensor(ids), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))), tvm.runtime.tensor(scale), out)
+    assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])
+
+
+def test_attention_kernels_read_only_the_valid_prefix(build):
+    from llamac import tvm_kernels
+
+    heads, cap, d, rows, total = 2, 40, 16, 6, 11
+    q = RNG.standard_normal((1, heads, rows, d)).astype(np.float32)
+    cache = RNG.standard_normal((1, heads, cap, d)).astype(np.float32)
+    cache[:, :, total:] = np.nan                          # rows past the valid prefix must never be read
+    f, tvm = build(tvm_kernels.attn_scores(heads, cap, d))
+    out = tvm.runtime.tensor(np.zeros((1, heads, rows, total), np.float32))
+    f(tvm.runtime.tensor(q), tvm.runtime.tensor(cache), out)
+    assert np.allclose(out.numpy(), q @ cache[:, :, :total].transpose(0, 1, 3, 2), atol=1e-5)
+    p = RNG.random((1, heads, rows, total)).astype(np.float32)
+    f, tvm = build(tvm_kernels.attn_values(heads, cap, d))
+    out = tvm.runtime.tensor(np.zeros((1, heads, rows, d), np.float32))
+    f(tvm.runtime.tensor(p), tvm.runtime.tensor(cache), out)
+    assert np.allclose(out.numpy(), p @ cache[:, :, :total], atol=1e-5)
+
+
+def test_kv_write_is_in_place_and_local(build):
+    from llamac import tvm_kernels
+
+    heads, cap, d = 2, 16, 8
+    f, tvm = build(tvm_kernels.kv_write(heads, cap, d))
+    cache = tvm.runtime.tensor(np.zeros((1, heads, cap, d), np.float32))
+    new = RNG.standard_normal((1, heads, 3, d)).astype(np.float32)
+    f(cache, tvm.runtime.tensor(new), 10)                 # total 10: rows 7, 8, 9
+    c = cache.numpy()
+    assert np.array_equal(c[:, :, 7:10], new) and not c[:, :, :7].any() and not c[:, :, 10:].any()

@@ -1,0 +1,94 @@
+"""Targets are data files: every built-in one is complete, user files load, malformed ones fail clearly."""
+from __future__ import annotations
+
+import pytest
+
+from llamac.errors import InputError
+from llamac.targets import list_targets, load_target
+
+BUILTIN = {"x86_64", "x86_64-avx2", "x86_64-avx512", "arm64", "rpi4", "rpi5", "android-arm64", "webgpu"}
+
+
+def test_builtin_targets_are_complete():
+    targets = {t.name: t for t in list_targets()}
+    assert BUILTIN <= set(targets)
+    for t in targets.values():
+        assert t.mtriple and t.summary and t.runtime_needs and t.cc and t.lanes >= 1
+        assert t.tvm_target()["mtriple"] == t.mtriple
+    assert targets["rpi4"].mcpu == "cortex-a72" and "+dotprod" not in targets["rpi4"].mattr
+    assert targets["rpi5"].mcpu == "cortex-a76" and "+dotprod" in targets["rpi5"].mattr
+    assert targets["arm64"].cc == "aarch64-linux-gnu-g++" and targets["arm64"].arch == "aarch64"
+    assert targets["x86_64-avx512"].arch == "x86_64" and "+avx512f" in targets["x86_64-avx512"].mattr
+    assert targets["webgpu"].status == "planned"
+
+
+def test_tvm_accepts_every_cpu_target():
+    import tvm
+
+    for t in list_targets():
+        if t.kind == "llvm":
+            assert str(tvm.target.Target(t.tvm_target()).kind) == "llvm"
+
+
+def test_user_target_file(tmp_path):
+    f = tmp_path / "myboard.toml"
+    f.write_text('name = "myboard"\nsummary = "a board"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmcpu = "cortex-a55"\n'
+                 'mattr = ["+neon", "+dotprod"]\n[build]\ncc = "aarch64-linux-gnu-g++"\nlanes = 4\n'
+                 '[runtime]\nneeds = "Linux"\n')
+    t = load_target(f)
+    assert (t.name, t.arch, t.mcpu, t.lanes) == ("myboard", "aarch64", "cortex-a55", 4)
+    assert t.tvm_target() == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55",
+                              "mattr": ["+neon", "+dotprod"]}
+    assert load_target(str(f)).name == "myboard"
+
+
+@pytest.mark.parametrize("text,match", [
+    ('name = "x"\n[llvm\n', "malformed"),
+    ('name = "x"\n', "mtriple"),
+    ('[llvm]\nmtriple = "aarch64-linux-gnu"\n', "name"),
+    ('name = "x"\n[llvm]\nmtriple = "riscv64-linux-gnu"\n', "arch"),
+    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = "+neon"\n', "mattr"),
+    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\nlanes = 3\n', "lanes"),
+])
+def test_malformed_target_files(tmp_path, text, match):
+    f = tmp_path / "t.toml"
+    f.write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_target(f)
+
+
+def test_unknown_and_missing():
+    with pytest.raises(InputError, match="unknown target 'vax'.*x86_64"):
+        load_target("vax")
+    with pytest.raises(InputError, match="does not exist"):
+        load_target("/nonexistent/board.toml")
+
+
+def test_missing_cross_compiler_names_the_package(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('name = "t"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ncc = "nope-g++"\ncc_package = "pkg-x"\n')
+    with pytest.raises(InputError, match="nope-g++.*pkg-x"):
+        load_target(f).check_buildable()
+
+
+def test_android_without_ndk(monkeypatch):
+    for var in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with pytest.raises(InputError, match="aarch64-linux-android28-clang.*NDK"):
+        load_target("android-arm64").check_buildable()
+
+
+def test_android_with_ndk(tmp_path, monkeypatch):
+    bindir = tmp_path / "toolchains/llvm/prebuilt/linux-x86_64/bin"
+    bindir.mkdir(parents=True)
+    cc = bindir / "aarch64-linux-android28-clang++"
+    cc.write_text("#!/bin/sh\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("ANDROID_NDK_HOME", str(tmp_path))
+    assert load_target("android-arm64").check_buildable() == str(cc)
+
+
+def test_webgpu_is_listed_but_not_built():
+    with pytest.raises(InputError, match="not built yet"):
+        load_target("webgpu").check_buildable()
