@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Debian packages: the arm64 cross compiler (compile --target arm64) and qemu-user (run --emulate).
 APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-ART  ?= out/demo-x86_64
+ART  ?= out/demo
 
 .PHONY: demo test test-fast sysdeps bench clean
 
@@ -27,7 +27,7 @@ sysdeps:
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
 
 demo: $(VENV)/.deps
-	$(BIN)/llamac compile --target x86_64 --quant q4 -o $(ART) --force
+	$(BIN)/llamac compile --quant q4 -o $(ART) --force
 	$(BIN)/llamac run $(ART) -p "And God said" -n 48
 
 test: sysdeps $(VENV)/.test-deps

@@ -58,19 +58,24 @@ def inspect(path: Path, dequantize: Path | None) -> None:
 
 @cli.command("compile")
 @click.argument("src", type=click.Path(path_type=Path), required=False)
-@click.option("--target", "-t", default="x86_64", show_default=True, help="Target name (see `llamac targets`) or a .toml file.")
+@click.option("--target", "-t", default=None,
+              help="Target name (see `llamac targets`) or a .toml file. Default: the best target for this machine.")
 @click.option("--quant", "-q", default="q4", show_default=True, help="Quantization scheme: f32, f16, q8, q4.")
 @click.option("--group-size", type=int, default=None, help="q4 group size along the input dimension (default 32).")
 @click.option("--max-seq-len", type=int, default=None, help="KV cache capacity (default: the model's context, at most 4096).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def compile_cmd(src: Path | None, target: str, quant: str, group_size: int | None, max_seq_len: int | None,
+def compile_cmd(src: Path | None, target: str | None, quant: str, group_size: int | None, max_seq_len: int | None,
                 out: Path, force: bool) -> None:
     """Compile a checkpoint or export directory (default: the bundled model) into an artifact."""
     from llamac.compiler import compile_model
 
     if src is None:
         src = _bundled_checkpoint()
+    if target is None:
+        from llamac.targets import host_target
+
+        target = host_target()
     path = compile_model(src, target, quant=quant, group_size=group_size, max_seq_len=max_seq_len, out=out,
                          force=force)
     click.echo(f"compiled {src} for {target} ({quant}) -> {path}")

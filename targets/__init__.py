@@ -160,3 +160,22 @@ def load_target(name_or_path: str | Path) -> Target:
         return _parse(builtin)
     names = ", ".join(t.name for t in list_targets())
     raise InputError(f"unknown target {text!r} (built-in: {names}; or pass a .toml file)")
+
+
+def host_target() -> str:
+    """The best built-in target for the machine we run on (reads the CPU flags on Linux)."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "arm64"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if {"avx512f", "avx512bw", "avx512vl"} <= set(flags):
+        return "x86_64-avx512"
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return "x86_64-avx2"
+    return "x86_64"

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 from llamac.errors import InputError
@@ -20,11 +19,6 @@ def checkpoint() -> Path:
     return HERE
 
 
-def host_target() -> str:
-    return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        platform.machine().lower(), "x86_64")
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("LLAMAC_CACHE", Path.home() / ".cache" / "llamac"))
 
@@ -32,10 +26,13 @@ def cache_dir() -> Path:
 def artifact(quant: str = "q8") -> Path:
     """The bundled model compiled for this machine, compiled on first use and cached."""
     from llamac import __version__
-    out = cache_dir() / f"bundled-{__version__}-{host_target()}-{quant}"
+    from llamac.targets import host_target
+
+    target = host_target()
+    out = cache_dir() / f"bundled-{__version__}-{target}-{quant}"
     if not (out / "manifest.json").is_file():  # the runtime verifies checksums when it loads it
         from llamac.compiler import compile_model
 
-        print(f"compiling the bundled model for {host_target()} ({quant}) once; cached in {out}", flush=True)
-        compile_model(checkpoint(), host_target(), quant=quant, out=out, force=True)
+        print(f"compiling the bundled model for {target} ({quant}) once; cached in {out}", flush=True)
+        compile_model(checkpoint(), target, quant=quant, out=out, force=True)
     return out
