@@ -74,6 +74,8 @@ def verify_files(path: Path, manifest: dict) -> None:
 def _import_tvm_runtime():
     """Import TVM with only libtvm_runtime loaded. tvm_ffi imports torch when it is installed (5 s, 1 GB): hide it
     for the duration of the import, since nothing here exchanges tensors with torch."""
+    # Set for the import only: child processes (a compile started from an app) must get the full library.
+    saved = {k: os.environ.get(k) for k in ("TVM_USE_RUNTIME_LIB", "TVM_FFI_DISABLE_TORCH_C_DLPACK")}
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     hide = "torch" not in sys.modules
@@ -85,6 +87,11 @@ def _import_tvm_runtime():
     finally:
         if hide:
             del sys.modules["torch"]
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return tvm
 
 

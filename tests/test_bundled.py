@@ -54,3 +54,37 @@ def test_generates_scripture_like_text(bundled_export):
     assert len(words) >= 10
     vocab = set(bundled.checkpoint().joinpath("held_out.txt").read_text().split())
     assert np.mean([w in vocab for w in words]) > 0.6, g.text
+
+
+@pytest.fixture(scope="module")
+def bundled_artifacts(tmp_path_factory):
+    from llamac.compiler import compile_model
+
+    d = tmp_path_factory.mktemp("bundled-art")
+    return {q: compile_model(bundled.checkpoint(), "x86_64", quant=q, out=d / q, progress=False)
+            for q in ("f32", "q8", "q4")}
+
+
+def test_quantized_perplexity_close_to_f32(bundled_artifacts, bundled_export):
+    """Quantization is sound on a real model: q8 within 1 % and q4 within 8 % of f32 perplexity."""
+    text = bundled.checkpoint() / "held_out.txt"
+    ppl = {q: perplexity(a, text, max_tokens=N_TOKENS, progress=False)["perplexity"]
+           for q, a in bundled_artifacts.items()}
+    onnx_f32 = perplexity(bundled_export, text, max_tokens=N_TOKENS, progress=False)["perplexity"]
+    assert abs(ppl["f32"] - onnx_f32) / onnx_f32 < 1e-4
+    assert ppl["q8"] / ppl["f32"] - 1 < 0.01
+    assert ppl["q4"] / ppl["f32"] - 1 < 0.08
+
+
+def test_cli_run_bundled_without_model_argument(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLAMAC_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "llamac", "run", "-p", "And God said", "-n", "16", "--json"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert len(out["tokens"]) == 16 and len(out["text"].split()) >= 6

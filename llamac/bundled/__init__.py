@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from llamac.errors import InputError
@@ -33,6 +34,7 @@ def artifact(quant: str = "q8") -> Path:
     if not (out / "manifest.json").is_file():  # the runtime verifies checksums when it loads it
         from llamac.compiler import compile_model
 
-        print(f"compiling the bundled model for {target} ({quant}) once; cached in {out}", flush=True)
+        print(f"compiling the bundled model for {target} ({quant}) once; cached in {out}", file=sys.stderr,
+              flush=True)
         compile_model(checkpoint(), target, quant=quant, out=out, force=True)
     return out
