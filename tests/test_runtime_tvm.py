@@ -1,0 +1,64 @@
+"""Runtime on compiled artifacts: greedy generation equals transformers, memory stays flat, tampering is refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hf_models import CONFIGS, make_hf_checkpoint
+from test_runtime_onnx import PROMPT, hf_greedy
+
+from llamac.compiler import compile_model
+from llamac.errors import InputError
+from llamac.export.exporter import export
+from llamac.runtime import load
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_32_tokens_equal_transformers_and_onnx_backend(name, tmp_path):
+    model = make_hf_checkpoint(tmp_path / "hf", **CONFIGS[name])
+    exp = export(tmp_path / "hf", tmp_path / "onnx", progress=False)
+    art = compile_model(exp, "x86_64", quant="f32", out=tmp_path / "art", progress=False)
+    tokens = load(art).generate(PROMPT, max_new_tokens=32).tokens
+    assert tokens == hf_greedy(model, PROMPT, 32)
+    assert tokens == load(exp).generate(PROMPT, max_new_tokens=32).tokens
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_thousand_decode_steps_keep_memory_flat(tmp_path):
+    make_hf_checkpoint(tmp_path / "hf", **dict(CONFIGS["llama3_gqa_tied"], max_position_embeddings=2048))
+    art = compile_model(tmp_path / "hf", "x86_64", quant="q4", max_seq_len=1100, out=tmp_path / "art",
+                        progress=False)
+    sess = load(art).session()
+    logits = sess.prefill([1, 2, 3])
+    rss = []
+    for step in range(1000):
+        logits = sess.decode(int(np.argmax(logits)))
+        if step in (99, 999):
+            rss.append(_rss_bytes())
+    assert sess.n_past == 1003
+    assert rss[1] - rss[0] < 2 * 2**20, f"RSS grew by {(rss[1] - rss[0]) / 2**20:.1f} MiB over 900 decode steps"
+
+
+def test_tampered_or_newer_artifact_is_refused(tmp_path):
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    art = compile_model(tmp_path / "hf", "x86_64", quant="q8", out=tmp_path / "art", progress=False)
+    weights = art / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="checksum"):
+        load(art)
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    load(art)  # restored: loads again
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["format_version"] = manifest.get("format_version", 1) + 1
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="version|newer|format"):
+        load(art)
