@@ -6,8 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llamac.errors import InputError
 from llamac.export.config import ModelConfig
+
+from .prompt import check_ids
 
 
 class OnnxModel:
@@ -43,13 +44,8 @@ class OnnxSession:
         self.n_past = 0
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        n = ids.shape[1]
-        if n == 0:
-            raise InputError("empty prompt")
-        if self.n_past + n > self.max_seq_len:
-            raise InputError(f"{self.n_past + n} tokens exceed the context of {self.max_seq_len}")
-        total = self.n_past + n
+        ids = check_ids(ids, self.n_past, self.max_seq_len, self._m.config.vocab_size)
+        total = self.n_past + ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
                  "position_ids": np.arange(self.n_past, total, dtype=np.int64)[None], **self._past}
         res = dict(zip(self._m._outputs, self._m._sess.run(None, feeds)))

@@ -23,6 +23,8 @@ import numpy as np
 from llamac.errors import InputError
 from llamac.export.config import ModelConfig
 
+from .prompt import check_ids
+
 FORMAT = "llamac-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -196,18 +198,9 @@ class TVMSession:
         self.n_past = 0      # rows past n_past are never read, and each step writes its rows before reading them
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        n = ids.shape[1]
-        if n == 0:
-            raise InputError("empty prompt")
-        if self.n_past + n > self.max_seq_len:
-            raise InputError(f"{self.n_past + n} tokens exceed the compiled context of {self.max_seq_len} "
-                             f"(compile with a larger --max-seq-len)")
-        vocab = self._m.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise InputError(f"token id outside the vocabulary (0..{vocab - 1})")
+        ids = check_ids(ids, self.n_past, self.max_seq_len, self._m.config.vocab_size)
         logits = None
-        for start in range(0, n, PREFILL_CHUNK):
+        for start in range(0, ids.shape[1], PREFILL_CHUNK):
             chunk = ids[:, start:start + PREFILL_CHUNK]
             logits = self._m.step(chunk, self.n_past, self._caches, self._inputs)
             self.n_past += chunk.shape[1]
