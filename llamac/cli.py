@@ -103,6 +103,22 @@ def _parse_ids(text: str) -> list[int]:
         raise InputError(f"--ids expects comma-separated integers, got {text!r}") from None
 
 
+def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The command's parsed options back as arguments (to re-run the command elsewhere, e.g. under qemu)."""
+    argv: list[str] = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name in skip or value is None or value is False:
+            continue
+        flag = p.opts[-1]
+        if p.is_flag:
+            argv.append(flag)
+        else:
+            for v in (value if p.multiple else [value]):
+                argv += [flag, str(v)]
+    return argv
+
+
 @cli.command()
 @click.argument("art", type=click.Path(path_type=Path), required=False)
 @click.option("-p", "--prompt", help="Prompt text.")
@@ -131,8 +147,7 @@ def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, 
     if emulate:
         from llamac.runtime.emulate import run_emulated
 
-        argv = sys.argv[sys.argv.index("run") + 1:]
-        sys.exit(run_emulated(art, [a for a in argv if a != "--emulate"]))
+        sys.exit(run_emulated(art, [str(art)] + _options_as_argv(click.get_current_context(), skip={"emulate"})))
     from llamac.runtime import load
 
     model = load(art, threads=threads)
