@@ -3,8 +3,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Debian packages: the arm64 cross compiler (compile --target arm64) and qemu-user (run --emulate).
-APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static
+# Debian packages: the arm64 cross compiler (compile --target arm64), qemu-user (run --emulate), and for WebGPU
+# emscripten (the wasm runtime and host module), Chromium and Node.js/npm (run --browser, playwright-core).
+APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static emscripten chromium
+NODE_PACKAGES := nodejs npm# only where node is missing: images with NodeSource's nodejs already carry npm
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ART  ?= out/demo
 
@@ -23,8 +25,10 @@ $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.deps
 
 sysdeps:
-	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null || \
-	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
+	@(for c in aarch64-linux-gnu-g++ qemu-aarch64-static emcc chromium node npm; do \
+	    command -v $$c >/dev/null || exit 1; done) || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES) \
+	      $$(command -v node >/dev/null || echo $(NODE_PACKAGES)); }
 
 demo: $(VENV)/.deps
 	$(BIN)/llamac compile --quant q4 -o $(ART) --force

@@ -135,12 +135,11 @@ def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--emulate", is_flag=True, help="Run an artifact for another architecture (arm64) under qemu-user.")
+@click.option("--browser", is_flag=True, help="Run a WebGPU artifact in headless Chromium.")
 def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, temperature: float, top_k: int,
         top_p: float, min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
-        truncate: bool, threads: int | None, as_json: bool, emulate: bool) -> None:
+        truncate: bool, threads: int | None, as_json: bool, emulate: bool, browser: bool) -> None:
     """Generate text from an artifact or export directory (default: the bundled model)."""
-    import json
-
     if (prompt is None) == (ids is None):
         raise InputError("give exactly one of -p/--prompt and --ids")
     art = art or _default_artifact()
@@ -148,6 +147,18 @@ def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, 
         from llamac.runtime.emulate import run_emulated
 
         sys.exit(run_emulated(art, [str(art)] + _options_as_argv(click.get_current_context(), skip={"emulate"})))
+    if browser:
+        from llamac.runtime.browser import run_in_browser
+
+        if top_k or top_p < 1 or min_p or repetition_penalty != 1 or stop or truncate:
+            raise InputError("--browser samples with --temperature and --seed only (no top-k/top-p/min-p/"
+                             "repetition penalty/stop/truncate)")
+
+        g = run_in_browser(art, _parse_ids(ids) if ids else [], max_tokens, temperature=temperature,
+                           seed=seed or 0, prompt=prompt)
+        _print_result(g["prompt_tokens"], g["tokens"], g["text"], g["stop_reason"], g["prefill_tok_s"],
+                      g["decode_tok_s"], as_json, streamed=False)
+        return
     from llamac.runtime import load
 
     model = load(art, threads=threads)
@@ -160,74 +171,35 @@ def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, 
             click.echo(piece, nl=False)
             sys.stdout.flush()
     g = it.result
+    _print_result(g.prompt_tokens, g.tokens, g.text, g.stop_reason, g.prefill_tok_s, g.decode_tok_s, as_json,
+                  streamed=True)
+
+
+def _print_result(prompt_tokens: list[int], tokens: list[int], text: str, stop_reason: str, prefill_tok_s: float,
+                  decode_tok_s: float, as_json: bool, streamed: bool) -> None:
+    import json
+
     if as_json:
-        click.echo(json.dumps({"prompt_tokens": g.prompt_tokens, "tokens": g.tokens, "text": g.text,
-                               "stop_reason": g.stop_reason, "prefill_tok_s": round(g.prefill_tok_s, 2),
-                               "decode_tok_s": round(g.decode_tok_s, 2)}))
+        click.echo(json.dumps({"prompt_tokens": prompt_tokens, "tokens": tokens, "text": text,
+                               "stop_reason": stop_reason, "prefill_tok_s": round(prefill_tok_s, 2),
+                               "decode_tok_s": round(decode_tok_s, 2)}))
         return
-    click.echo()
+    click.echo(text if not streamed else "")
     sys.stdout.flush()  # the figures go to stderr: keep them after the text
-    click.echo(f"[prefill {len(g.prompt_tokens)} tok at {g.prefill_tok_s:.1f} tok/s, decode {len(g.tokens)} tok at "
-               f"{g.decode_tok_s:.1f} tok/s, stop: {g.stop_reason}]", err=True)
-
-
-@cli.command("bench")
-@click.argument("art", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt-tokens", default=512, show_default=True, help="Prompt length (pp).")
-@click.option("-n", "--gen-tokens", default=128, show_default=True, help="Generated tokens (tg).")
-@click.option("-r", "--repetitions", default=5, show_default=True)
-@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int | None,
-              as_json: bool) -> None:
-    """Measure prefill (pp) and decode (tg) speed like llama-bench."""
-    import json
-
-    from llamac.bench import bench
-
-    r = bench(art, prompt_tokens, gen_tokens, repetitions, threads)
-    if as_json:
-        click.echo(json.dumps(r))
-        return
-    click.echo(f"{r['artifact']}  threads {r['threads']}  load {r['load_avg_before']} -> {r['load_avg_after']}")
-    click.echo(f"  pp{prompt_tokens}: best {r['prefill_tok_s']:8.1f} tok/s   median {r['prefill_tok_s_median']:8.1f}")
-    click.echo(f"  tg{gen_tokens}: best {r['decode_tok_s']:8.1f} tok/s   median {r['decode_tok_s_median']:8.1f}")
+    click.echo(f"[prefill {len(prompt_tokens)} tok at {prefill_tok_s:.1f} tok/s, decode {len(tokens)} tok at "
+               f"{decode_tok_s:.1f} tok/s, stop: {stop_reason}]", err=True)
 
 
 @cli.command()
 @click.argument("art", type=click.Path(path_type=Path))
-@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
-@click.option("--window", type=int, default=None, help="Context window (default: the artifact's).")
-@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
-@click.option("--json", "as_json", is_flag=True)
-def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int | None, as_json: bool) -> None:
-    """Per-token perplexity of a text file."""
-    import json
+@click.option("--port", default=8000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost by default).")
+def serve(art: Path, port: int, host: str) -> None:
+    """Serve a WebGPU artifact's page (prompt box, streamed output) over HTTP."""
+    from llamac.web.serve import serve as serve_page
 
-    from llamac.perplexity import perplexity as ppl
-
-    r = ppl(art, text_file, window, max_tokens)
-    click.echo(json.dumps(r) if as_json else f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens "
-                                             f"(window {r['window']})")
-
-
-@cli.command()
-@click.argument("art", type=click.Path(path_type=Path), required=False)
-@click.option("--system", help="System prompt.")
-@click.option("--template", type=click.Choice(["llama3", "llama2", "plain"]), default=None,
-              help="Chat template (default: detected from the tokenizer).")
-@click.option("-n", "--max-tokens", default=256, show_default=True, help="Tokens per reply at most.")
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.9, show_default=True)
-@click.option("--seed", type=int, default=None)
-def chat(art: Path | None, system: str | None, template: str | None, max_tokens: int, temperature: float,
-         top_p: float, seed: int | None) -> None:
-    """Chat interactively (the KV cache is kept across turns)."""
-    from llamac.chat import run_chat
-    from llamac.runtime import load
-
-    run_chat(load(art or _default_artifact()), system, template, max_tokens, temperature=temperature, top_p=top_p,
-             seed=seed)
+    click.echo(f"serving {art} on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+    serve_page(art, port=port, host=host)
 
 
 def _default_artifact() -> Path:

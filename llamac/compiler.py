@@ -35,6 +35,10 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
         is_export = (src / "model.onnx").is_file()
         with stage("export: " + ("SRC is an export directory, used as is" if is_export else f"{src.name} -> ONNX")):
             export_dir = _export_dir(src, Path(work) / "export", progress)
+        if tgt.kind == "webgpu":  # its own pipeline: GPU schedules, wasm host, a page (llamac.web)
+            from llamac.web.build import compile_webgpu
+            compile_webgpu(export_dir, scheme.name, _context(max_seq_len, _model_context(export_dir)), tmp, progress)
+            return out
         with stage("import ONNX into TVM Relax"):
             from llamac import tvm_import, tvm_rewrite
             model, cfg, weights = tvm_import.load_export(export_dir)
@@ -73,6 +77,11 @@ def _export_dir(src: Path, tmp_export: Path, progress: bool) -> Path:
         raise InputError(f"{src} does not exist")
     from llamac.export.exporter import export
     return export(src, tmp_export, progress=progress)
+
+
+def _model_context(export_dir: Path) -> int:
+    from llamac.export.config import ModelConfig
+    return ModelConfig.load(export_dir).max_position_embeddings
 
 
 def _context(max_seq_len: int | None, model_max: int) -> int:

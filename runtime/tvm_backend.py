@@ -107,6 +107,9 @@ class TVMModel:
             verify_files(self.path, m)
         arch = m["target"].get("arch")
         host = _HOST_ARCH.get(platform.machine().lower(), platform.machine())
+        if arch == "wasm32":
+            raise InputError(f"{self.path} is a WebGPU artifact: run it with `llamac run --browser` or serve its page "
+                             f"with `llamac serve`")
         if arch != host:
             raise InputError(f"{self.path}: artifact is for {arch} ({m['target'].get('name')}); this machine is "
                              f"{host} (run it there, or with --emulate)")

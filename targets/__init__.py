@@ -86,9 +86,9 @@ class Target:
 
     def check_buildable(self) -> str:
         """Raise InputError if this target cannot be compiled here; return the linker to use."""
-        if self.status != "ready" or self.kind != "llvm":
+        if self.status != "ready" or self.kind not in ("llvm", "webgpu"):
             raise InputError(f"target {self.name} is not built yet ({self.summary}); "
-                             f"choose a CPU target from `llamac targets`")
+                             f"choose another from `llamac targets`")
         return self.find_cc()
 
     def to_json(self) -> dict:

@@ -149,7 +149,7 @@ def _corrupt(export_dir: Path, dest: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown target", "unknown scheme", "malformed target file", "missing compiler",
-                                  "webgpu not built", "truncated weights", "garbage graph", "no config",
+                                  "webgpu with q8", "truncated weights", "garbage graph", "no config",
                                   "bad config", "missing source", "context too long"])
 def test_bad_input(case, root, tmp_path):
     _, export_dir = exported(root, "llama2_mha")
@@ -165,8 +165,8 @@ def test_bad_input(case, root, tmp_path):
         target = tmp_path / "board.toml"
         target.write_text('name = "board"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n'
                           '[build]\ncc = "no-such-cross-g++"\ncc_package = "g++-no-such"\n')
-    elif case == "webgpu not built":
-        target = "webgpu"
+    elif case == "webgpu with q8":
+        target, quant = "webgpu", "q8"
     elif case in ("truncated weights", "garbage graph", "no config", "bad config"):
         src = _corrupt(export_dir, tmp_path / "broken", case)
     elif case == "missing source":

@@ -19,7 +19,7 @@ def test_builtin_targets_are_complete():
     assert targets["rpi5"].mcpu == "cortex-a76" and "+dotprod" in targets["rpi5"].mattr
     assert targets["arm64"].cc == "aarch64-linux-gnu-g++" and targets["arm64"].arch == "aarch64"
     assert targets["x86_64-avx512"].arch == "x86_64" and "+avx512f" in targets["x86_64-avx512"].mattr
-    assert targets["webgpu"].status == "planned"
+    assert targets["webgpu"].kind == "webgpu" and targets["webgpu"].arch == "wasm32"
 
 
 def test_tvm_accepts_every_cpu_target():
@@ -89,6 +89,8 @@ def test_android_with_ndk(tmp_path, monkeypatch):
     assert load_target("android-arm64").check_buildable() == str(cc)
 
 
-def test_webgpu_is_listed_but_not_built():
+def test_planned_target_is_refused(tmp_path):
+    f = tmp_path / "future.toml"
+    f.write_text('name = "future"\nstatus = "planned"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ncc = "g++"\n')
     with pytest.raises(InputError, match="not built yet"):
-        load_target("webgpu").check_buildable()
+        load_target(f).check_buildable()
