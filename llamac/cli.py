@@ -202,6 +202,65 @@ def serve(art: Path, port: int, host: str) -> None:
     serve_page(art, port=port, host=host)
 
 
+@cli.command("bench")
+@click.argument("art", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt-tokens", default=512, show_default=True, help="Prompt length (pp).")
+@click.option("-n", "--gen-tokens", default=128, show_default=True, help="Generated tokens (tg).")
+@click.option("-r", "--repetitions", default=5, show_default=True)
+@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int | None,
+              as_json: bool) -> None:
+    """Measure prefill (pp) and decode (tg) speed like llama-bench."""
+    import json
+
+    from llamac.bench import bench
+
+    r = bench(art, prompt_tokens, gen_tokens, repetitions, threads)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(f"{r['artifact']}  threads {r['threads']}  load {r['load_avg_before']} -> {r['load_avg_after']}")
+    click.echo(f"  pp{prompt_tokens}: best {r['prefill_tok_s']:8.1f} tok/s   median {r['prefill_tok_s_median']:8.1f}")
+    click.echo(f"  tg{gen_tokens}: best {r['decode_tok_s']:8.1f} tok/s   median {r['decode_tok_s_median']:8.1f}")
+
+
+@cli.command()
+@click.argument("art", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
+@click.option("--window", type=int, default=None, help="Context window (default: the artifact's).")
+@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
+@click.option("--json", "as_json", is_flag=True)
+def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int | None, as_json: bool) -> None:
+    """Per-token perplexity of a text file."""
+    import json
+
+    from llamac.perplexity import perplexity as ppl
+
+    r = ppl(art, text_file, window, max_tokens)
+    click.echo(json.dumps(r) if as_json else f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens "
+                                             f"(window {r['window']})")
+
+
+@cli.command()
+@click.argument("art", type=click.Path(path_type=Path), required=False)
+@click.option("--system", help="System prompt.")
+@click.option("--template", type=click.Choice(["llama3", "llama2", "plain"]), default=None,
+              help="Chat template (default: detected from the tokenizer).")
+@click.option("-n", "--max-tokens", default=256, show_default=True, help="Tokens per reply at most.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--seed", type=int, default=None)
+def chat(art: Path | None, system: str | None, template: str | None, max_tokens: int, temperature: float,
+         top_p: float, seed: int | None) -> None:
+    """Chat interactively (the KV cache is kept across turns)."""
+    from llamac.chat import run_chat
+    from llamac.runtime import load
+
+    run_chat(load(art or _default_artifact()), system, template, max_tokens, temperature=temperature, top_p=top_p,
+             seed=seed)
+
+
 def _default_artifact() -> Path:
     from llamac import bundled
 

@@ -1,0 +1,50 @@
+"""The CLI offers every command of the contract, and bench/perplexity/chat run end to end on an export dir."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llamac import bundled
+from llamac.export.exporter import export
+
+CONTRACT = ["export", "compile", "run", "chat", "bench", "inspect", "targets", "serve", "perplexity"]
+
+
+def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llamac", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return export(bundled.checkpoint(), tmp_path_factory.mktemp("cli") / "onnx", progress=False)
+
+
+def test_every_contract_command_exists():
+    out = cli("--help").stdout
+    for name in CONTRACT:
+        assert cli(name, "--help").returncode == 0, name
+        assert name in out
+
+
+def test_bench_json(export_dir):
+    r = cli("bench", export_dir, "-p", 16, "-n", 4, "-r", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["repetitions"] == 2
+
+
+def test_perplexity_json(export_dir):
+    r = cli("perplexity", export_dir, "--text", bundled.checkpoint() / "held_out.txt", "--max-tokens", 200, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["tokens"] == 200 and 1 < res["perplexity"] < 500
+
+
+def test_chat_reads_turns_until_exit(export_dir):
+    r = cli("chat", export_dir, "-n", 8, "--temperature", 0, stdin="And God said\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) > 3
