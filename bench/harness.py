@@ -327,7 +327,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
-    ap.add_argument("--llamac-target", default="x86_64")
+    ap.add_argument("--llamac-target", default="x86_64",
+                    help="llamac target to compile for; 'native' picks x86_64-avx512/-avx2 from this CPU's flags")
     ap.add_argument("--only", default=None, help="comma-separated peers, e.g. 'llama.cpp,llamac'")
     ap.add_argument("--no-prepare", action="store_true", help="measure what is ready; build nothing")
     ap.add_argument("--no-cli-check", action="store_true", help="skip the `llamac bench` cross-check")
@@ -342,6 +343,8 @@ def main() -> None:
     ap.add_argument("--png", default=str(REPO / "docs" / "peers.png"))
     a = ap.parse_args()
 
+    if a.llamac_target == "native":
+        a.llamac_target = peers.native_target()
     if a.no_prepare:
         found = peers.models(a.shape, a.llamac_target)
     else:

@@ -244,6 +244,17 @@ def _stale(built: Path) -> bool:
     return False
 
 
+def native_target() -> str:
+    """llamac's built-in x86 target for this CPU (what `--llamac-target native` means): llama.cpp is built native."""
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "x86_64"
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return "x86_64-avx512"
+    return "x86_64-avx2" if {"avx2", "fma", "f16c"} <= flags else "x86_64"
+
+
 def llamac_dir(shape: str, target: str) -> Path:
     return cache_dir() / f"llamac-{shape}-{target}"
 
@@ -309,6 +320,7 @@ def checkpoint(shape: str = "123m") -> Path:
 def models(shape: str = "123m", target: str = "x86_64") -> dict[tuple[str, str], Path | str]:
     """(peer, format) -> model path, or a one-line reason it is missing. Never builds anything."""
     c = cache_dir()
+    target = native_target() if target == "native" else target
     out: dict[tuple[str, str], Path | str] = {}
     for ft in ("Q4_0", "Q8_0", "F16"):
         p = c / f"gguf-{shape}" / f"{ft.lower()}.gguf"
@@ -327,6 +339,7 @@ def models(shape: str = "123m", target: str = "x86_64") -> dict[tuple[str, str],
 
 def prepare(shape: str = "123m", target: str = "x86_64", retry_llamac: bool = False) -> dict[tuple[str, str], Path | str]:
     """Everything that is missing; the llama.cpp build only starts here (background), so call again once built."""
+    target = native_target() if target == "native" else target
     hf = checkpoint(shape)
     log(f"llama.cpp build: {start_llamacpp_build()}")
     prepare_gguf(hf, shape)
