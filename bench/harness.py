@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
-    ap.add_argument("--llamac-target", default="x86_64",
+    ap.add_argument("--llamac-target", default="native",
                     help="llamac target to compile for; 'native' picks x86_64-avx512/-avx2 from this CPU's flags")
     ap.add_argument("--only", default=None, help="comma-separated peers, e.g. 'llama.cpp,llamac'")
     ap.add_argument("--no-prepare", action="store_true", help="measure what is ready; build nothing")

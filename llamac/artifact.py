@@ -202,7 +202,8 @@ def dequantize(path: Path, out_dir: Path) -> Path:
             tensors[hf_name(onnx_name)] = np.ascontiguousarray(arrays[entries[0]["name"]], dtype=np.float32)
             continue
         packed = {t["key"]: np.asarray(arrays[t["name"]]) for t in entries}
-        qt = unpack(packed, scheme_from_json(quant["scheme"]), quant["k"], quant["n"])
+        qt = unpack(packed, scheme_from_json(quant["scheme"]), quant["k"], quant["n"],
+                    quant.get("layout", "lanes"))
         kn = dequantize_tensor(qt)                         # [K, N] = [in, out]
         tensors[hf_name(onnx_name)] = np.ascontiguousarray(kn.T)   # HF keeps [out, in] (and [vocab, hidden])
     out_dir = Path(out_dir)

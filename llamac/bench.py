@@ -39,7 +39,8 @@ def bench(art: Path, prompt_tokens: int = 512, gen_tokens: int = 128, repetition
     sess.decode(1)
     runs = [one_run() for _ in range(repetitions)]
     pp, tg = [r[0] for r in runs], [r[1] for r in runs]
-    return {"artifact": str(art), "threads": threads or os.cpu_count(), "prompt_tokens": prompt_tokens,
+    used = getattr(getattr(model, "backend", None), "threads", None) or threads or os.cpu_count()
+    return {"artifact": str(art), "threads": used, "prompt_tokens": prompt_tokens,
             "gen_tokens": gen_tokens, "repetitions": repetitions,
             "prefill_tok_s": round(max(pp), 2), "prefill_tok_s_median": round(statistics.median(pp), 2),
             "decode_tok_s": round(max(tg), 2), "decode_tok_s_median": round(statistics.median(tg), 2),

@@ -46,7 +46,7 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
             # two step functions: any prompt length, and a single token (static shapes: a shorter VM program)
             imports = {"main": tvm_import.import_onnx(model, cfg), "decode": tvm_import.import_onnx(model, cfg, 1)}
         with stage(f"rewrite: KV cache of {capacity} in place, {scheme.name} kernels"):
-            plan = tvm_rewrite.rewrite(imports, cfg, capacity, scheme, tgt.lanes, quantize_embeddings)
+            plan = tvm_rewrite.rewrite(imports, cfg, capacity, scheme, tgt.lanes, quantize_embeddings, tgt.dot)
         with stage(f"build for {tgt.name} ({tgt.mtriple})"):
             from llamac import tvm_build
             tvm_build.build(plan.mod, tgt.tvm_target(), _vector_lanes(tgt), tmp / artifact.LIBRARY_FILE, cc)
@@ -119,10 +119,11 @@ def _write_weights(plan, weights, path: Path) -> list[dict]:
                 if not np.isfinite(w).all():
                     raise InputError(f"weight {onnx_name} holds NaN or Inf")
                 packed_cache.clear()       # keys of one weight are consecutive: keep only the current one
-                packed_cache[onnx_name] = pack(quantize(w.T if pw.transpose else w, pw.scheme), pw.lanes)
+                packed_cache[onnx_name] = pack(quantize(w.T if pw.transpose else w, pw.scheme), pw.lanes,
+                                                  pw.layout)
             writer.add(pw.param_name(key), packed_cache[onnx_name][key],
                        quant=dict(scheme=pw.scheme.to_json(), k=pw.k, n=pw.n, lanes=pw.lanes,
-                                  transpose=pw.transpose), **meta)
+                                  layout=pw.layout, transpose=pw.transpose), **meta)
     finally:
         writer.close()
     return writer.entries

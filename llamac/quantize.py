@@ -161,8 +161,10 @@ def pick_lanes(n: int, preferred: int) -> int:
     return lanes
 
 
-def pack(t: QuantTensor, lanes: int) -> dict[str, np.ndarray]:
-    """Logical -> kernel layout arrays (see module doc)."""
+def pack(t: QuantTensor, lanes: int, layout: str = "lanes") -> dict[str, np.ndarray]:
+    """Logical -> kernel layout arrays (see module doc; layout "dot": `llamac.tvm_dot`)."""
+    if layout == "dot":
+        return _pack_dot(t)
     nb = t.n // lanes
     if t.scheme.kind == "float":
         return {"w": np.ascontiguousarray(t.w.reshape(nb, lanes, t.k).transpose(0, 2, 1))}
@@ -180,8 +182,10 @@ def pack(t: QuantTensor, lanes: int) -> dict[str, np.ndarray]:
     return {"q": np.ascontiguousarray(words.reshape(nb, lanes, kw).transpose(0, 2, 1)), "scale": scale}
 
 
-def unpack(arrays: dict[str, np.ndarray], scheme: Scheme, k: int, n: int) -> QuantTensor:
+def unpack(arrays: dict[str, np.ndarray], scheme: Scheme, k: int, n: int, layout: str = "lanes") -> QuantTensor:
     """Kernel layout arrays -> logical form (inverse of `pack`)."""
+    if layout == "dot":
+        return _unpack_dot(arrays, scheme, k, n)
     if scheme.kind == "float":
         w = arrays["w"]
         return QuantTensor(scheme, k, n, w=w.transpose(0, 2, 1).reshape(n, k))
@@ -194,10 +198,70 @@ def unpack(arrays: dict[str, np.ndarray], scheme: Scheme, k: int, n: int) -> Qua
     return QuantTensor(scheme, k, n, q=(codes[:, :k].astype(np.int16) - 8).astype(np.int8), scale=scale)
 
 
-def packed_shapes(scheme: Scheme, k: int, n: int, lanes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def packed_shapes(scheme: Scheme, k: int, n: int, lanes: int,
+                  layout: str = "lanes") -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes of `pack`'s arrays, without packing anything (the compiler declares kernel params)."""
+    if layout == "dot":
+        kp, ti = dot_padded_k(scheme, k), dot_interleave(n)
+        cols = kp // 8 if scheme.bits == 4 else kp // 4
+        return {"q": ((n // 8 // ti, cols, 32 * ti), "uint8" if scheme.bits == 4 else "int8"),
+                "scale": ((n // 8 // ti, kp // (scheme.group_size or kp), 8 * ti), scheme.scale_dtype)}
     nb = n // lanes
     if scheme.kind == "float":
         return {"w": ((nb, k, lanes), scheme.weight_dtype)}
     kq = k if scheme.bits == 8 else -(-k // 8)
     return {"q": ((nb, kq, lanes), scheme.weight_dtype), "scale": ((nb, scheme.groups(k), lanes), scheme.scale_dtype)}
+
+
+# ---------------------------------------------------------------- dot layout (int8 dot-product kernels)
+
+def dot_padded_k(scheme: Scheme, k: int) -> int:
+    """K rounded up to the weight group (or to the 32-input activation block for per-channel scales)."""
+    step = scheme.group_size or 32
+    return -(-k // step) * step
+
+
+def dot_interleave(n: int) -> int:
+    """Channel tiles stored side by side (4 when N allows): a decode kernel reads them as one sequential stream,
+    which the hardware prefetchers follow (separate 4 KiB streams per tile defeat them)."""
+    nb = n // 8
+    return next(t for t in (4, 2, 1) if nb % t == 0)
+
+
+def _interleave(a: np.ndarray, ti: int) -> np.ndarray:
+    """[NB, C, W] -> [NB/ti, C, ti*W]: tile b of group i at columns b*W .. b*W+W-1."""
+    nb, c, w = a.shape
+    return np.ascontiguousarray(a.reshape(nb // ti, ti, c, w).transpose(0, 2, 1, 3).reshape(nb // ti, c, ti * w))
+
+
+def _deinterleave(a: np.ndarray, ti: int) -> np.ndarray:
+    ng, c, tw = a.shape
+    return a.reshape(ng, c, ti, tw // ti).transpose(0, 2, 1, 3).reshape(ng * ti, c, tw // ti)
+
+
+def _pack_dot(t: QuantTensor) -> dict[str, np.ndarray]:
+    """Tiles of 8 channels x 4 inputs (q8: one byte each; q4: two nibbles, inputs j and j + 4 of 8), interleaved."""
+    kp, nb, ti = dot_padded_k(t.scheme, t.k), t.n // 8, dot_interleave(t.n)
+    scale = _interleave(t.scale.reshape(nb, 8, -1).transpose(0, 2, 1), ti)
+    if t.scheme.bits == 8:
+        q = np.zeros((t.n, kp), np.int8)
+        q[:, :t.k] = t.q
+        return {"q": _interleave(q.reshape(nb, 8, kp // 4, 4).transpose(0, 2, 1, 3).reshape(nb, -1, 32), ti),
+                "scale": scale}
+    codes = np.full((t.n, kp), 8, np.uint8)
+    codes[:, :t.k] = (t.q.astype(np.int16) + 8).astype(np.uint8)
+    c = codes.reshape(nb, 8, kp // 8, 2, 4)                      # [tile, channel, 8 inputs = 2 halves x 4]
+    byte = c[:, :, :, 0, :] | (c[:, :, :, 1, :] << np.uint8(4))  # [tile, channel, col, 4]
+    return {"q": _interleave(byte.transpose(0, 2, 1, 3).reshape(nb, kp // 8, 32), ti), "scale": scale}
+
+
+def _unpack_dot(arrays: dict[str, np.ndarray], scheme: Scheme, k: int, n: int) -> QuantTensor:
+    ti, nb = dot_interleave(n), n // 8
+    q = _deinterleave(arrays["q"], ti)
+    scale = _deinterleave(arrays["scale"], ti).transpose(0, 2, 1).reshape(n, -1)
+    if scheme.bits == 8:
+        logical = q.reshape(nb, -1, 8, 4).transpose(0, 2, 1, 3).reshape(n, -1)
+        return QuantTensor(scheme, k, n, q=np.ascontiguousarray(logical[:, :k]), scale=scale)
+    byte = q.reshape(nb, -1, 8, 4).transpose(0, 2, 1, 3)             # [tile, channel, col, 4]
+    codes = np.stack([byte & np.uint8(15), byte >> np.uint8(4)], axis=3).reshape(n, -1)
+    return QuantTensor(scheme, k, n, q=(codes[:, :k].astype(np.int16) - 8).astype(np.int8), scale=scale)

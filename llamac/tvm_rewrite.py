@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from llamac import tvm_kernels
+from llamac import tvm_dot, tvm_kernels
 from llamac.errors import InputError
 from llamac.export.config import ModelConfig
 from llamac.quantize import Scheme, SCHEMES, packed_shapes, pick_lanes
@@ -41,6 +41,7 @@ class PackedWeight:
     scheme: Scheme
     transpose: bool           # ONNX tensor is [N, K] (an untied embedding [vocab, hidden])
     arrays: dict[str, tuple[tuple[int, ...], str]]   # array key -> (shape, dtype) in kernel layout
+    layout: str = "lanes"     # "lanes" (tvm_kernels, dequantize to f32) or "dot" (tvm_dot, int8 dot products)
 
     def param_name(self, key: str) -> str:
         return f"{self.name}::{key}"
@@ -61,8 +62,10 @@ def _call_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and expr.op.same_as(_OP[name])
 
 
-def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes: int) -> tuple[dict, list]:
-    """Decide per weight parameter: packed linear/embedding weight, or stored as is."""
+def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes: int,
+                 dot: str = "") -> tuple[dict, list]:
+    """Decide per weight parameter: packed linear/embedding weight (in the dot layout where the target has byte dot
+    products and the shape allows), or stored as is."""
     func = imported.mod["main"]
     by_var = {p: n for n, p in zip(imported.param_names, func.params)}
     uses: dict[str, set] = {}
@@ -98,6 +101,10 @@ def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes
         transpose = "embed0" in kinds                       # [vocab, hidden] gathered by rows
         k, n = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         sch = embed_scheme if is_embed else scheme
+        if dot and tvm_dot.supports(sch, k, n):
+            packed[name] = PackedWeight(name, k, n, tvm_dot.LANES, sch, transpose,
+                                        packed_shapes(sch, k, n, tvm_dot.LANES, "dot"), "dot")
+            continue
         ln = pick_lanes(n, lanes)
         packed[name] = PackedWeight(name, k, n, ln, sch, transpose, packed_shapes(sch, k, n, ln))
     return packed, plain
@@ -126,16 +133,17 @@ def _var_args(value) -> list:
 
 
 def rewrite(imports: dict[str, Imported], cfg: ModelConfig, capacity: int, scheme: Scheme, lanes: int,
-            quantize_embeddings: bool = True) -> StepPlan:
+            quantize_embeddings: bool = True, dot: str = "") -> StepPlan:
     """One step function per import, e.g. {"main": any seq length, "decode": seq fixed to 1}; they share kernels,
     weights (same parameter order) and caches. A static seq makes the decode step's VM program much shorter."""
     embed_scheme = scheme if quantize_embeddings else SCHEMES["f32"]
     first = next(iter(imports.values()))
-    packed, plain = plan_weights(first, scheme, embed_scheme, lanes)
+    packed, plain = plan_weights(first, scheme, embed_scheme, lanes, dot)
+    isa = dot
     mod, kernels, params, sliced = None, {}, [], True
     for fname, imported in imports.items():
         new_params, caches, weight_vars, params = _signature(imported, cfg, capacity, packed, plain)
-        mutator = _StepRewriter(imported, cfg, capacity, packed, weight_vars, caches, mod, kernels)
+        mutator = _StepRewriter(imported, cfg, capacity, packed, weight_vars, caches, mod, kernels, isa)
         body = mutator.rewrite_body(imported.mod["main"])
         mutator.check_complete()
         sliced = sliced and mutator.sliced_logits
@@ -179,8 +187,9 @@ def _signature(imported: Imported, cfg: ModelConfig, capacity: int, packed: dict
 @relax.expr_functor.mutator
 class _StepRewriter(relax.PyExprMutator):
     def __init__(self, imported: Imported, cfg: ModelConfig, capacity: int, packed: dict, weight_vars: dict,
-                 caches: dict, base: tvm.IRModule | None, kernels: dict):
+                 caches: dict, base: tvm.IRModule | None, kernels: dict, isa: str = ""):
         super().__init__(base if base is not None else imported.mod)
+        self.isa = isa                 # byte dot-product instructions of the target, for "dot" layout weights
         self.cfg, self.capacity = cfg, capacity
         self.seq, self.total = imported.seq, imported.total
         self.packed, self.weight_vars, self.caches = packed, weight_vars, caches
@@ -336,8 +345,12 @@ class _StepRewriter(relax.PyExprMutator):
             x = self._emit(relax.op.strided_slice(x, axes=[1], begin=[self.seq - 1], end=[self.seq]))
             xshape = [xshape[0], 1, xshape[2]]
             self.sliced_logits = True
-        gv = self._kernel(("linear", pw.scheme.name, pw.k, pw.n, pw.lanes),
-                          lambda: tvm_kernels.linear(pw.scheme, pw.k, pw.n, pw.lanes))
+        if pw.layout == "dot":
+            gv = self._kernel(("linear-dot", pw.scheme.name, pw.k, pw.n),
+                              lambda: tvm_dot.linear(pw.scheme, pw.k, pw.n, self.isa))
+        else:
+            gv = self._kernel(("linear", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                              lambda: tvm_kernels.linear(pw.scheme, pw.k, pw.n, pw.lanes))
         x3 = x if len(xshape) == 3 and _equal(xshape[0], 1) else self._emit(
             relax.op.reshape(x, [1, _prod(xshape[:-1]), pw.k]))
         rows = list(x3.ty.shape.values)[1]
@@ -359,8 +372,12 @@ class _StepRewriter(relax.PyExprMutator):
         ishape = list(ids.ty.shape.values)
         if len(ishape) != 2 or not _equal(ishape[0], 1):
             raise InputError(f"embedding lookup with ids of shape {ishape} (expected [1, seq])")
-        gv = self._kernel(("embedding", pw.scheme.name, pw.k, pw.n, pw.lanes),
-                          lambda: tvm_kernels.embedding(pw.scheme, pw.k, pw.n, pw.lanes))
+        if pw.layout == "dot":
+            gv = self._kernel(("embedding-dot", pw.scheme.name, pw.k, pw.n),
+                              lambda: tvm_dot.embedding(pw.scheme, pw.k, pw.n))
+        else:
+            gv = self._kernel(("embedding", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                              lambda: tvm_kernels.embedding(pw.scheme, pw.k, pw.n, pw.lanes))
         wv = self.weight_vars[pw.name]
         ids = self._emit(relax.op.astype(ids, "int64"))
         args = [ids, wv.get("w", wv.get("q")), wv.get("scale", self._zero_scale(pw))]

@@ -32,6 +32,14 @@ PREFILL_CHUNK = 256     # prompt tokens per step call: bounds the [heads, chunk,
 _HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def read_manifest(path: Path) -> dict:
     """The artifact's manifest, after checking that this runtime understands its format."""
     f = Path(path) / MANIFEST
@@ -115,14 +123,15 @@ class TVMModel:
                              f"{host} (run it there, or with --emulate)")
         self.config = ModelConfig.from_hf_dict(m["model"])
         self.max_seq_len = int(m["max_seq_len"])
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(int(threads))
+        # TVM's default pool on x86 is half the CPUs (it assumes hyper-threads): ask for every usable core
+        threads = int(threads or os.environ.get("TVM_NUM_THREADS") or usable_cores())
+        os.environ["TVM_NUM_THREADS"] = str(threads)
         tvm = _import_tvm_runtime()
         self._tvm = tvm
-        if threads:
-            cfg = tvm.get_global_func("runtime.config_threadpool", True)
-            if cfg is not None:
-                cfg(0, int(threads))      # in case the pool already started with another size
+        self.threads = threads
+        cfg = tvm.get_global_func("runtime.config_threadpool", True)
+        if cfg is not None:
+            cfg(0, threads)               # in case the pool already started with another size
         self._dev = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.path / m["library"]))
         self._vm = tvm.runtime.vm.VirtualMachine(lib, self._dev)

@@ -14,6 +14,7 @@ shared library (a cross compiler for ARM), the kernel tile width (`lanes`) and w
     cc = "aarch64-linux-gnu-g++"      # linker driver for the library; searched on PATH (and in cc_search dirs)
     cc_package = "g++-aarch64-linux-gnu"
     lanes = 8                         # output channels per SIMD tile in the linear kernels
+    dot = "sdot"                      # byte dot products for q4/q8 (int8 kernels): "avx2" | "sdot"; omit for none
     [runtime]
     needs = "what the device must have"
 
@@ -36,6 +37,7 @@ from llamac.errors import InputError
 HERE = Path(__file__).parent
 ARCHES = ("x86_64", "aarch64", "wasm32")
 # listing order of the built-in files (others follow alphabetically)
+DOT_ISAS = {"avx2": "+avx2", "sdot": "+dotprod"}   # dot-product flavour -> the LLVM feature it needs
 ORDER = ("x86_64", "x86_64-avx2", "x86_64-avx512", "arm64", "rpi4", "rpi5", "android-arm64", "webgpu")
 
 
@@ -53,6 +55,7 @@ class Target:
     cc_search: tuple[str, ...] = ()
     cc_package: str = ""
     lanes: int = 8
+    dot: str = ""                      # "avx2" | "sdot": q4/q8 layers run as int8 dot products (llamac.tvm_dot)
     runtime_os: str = "linux"
     runtime_needs: str = ""
     source: str = ""                   # file it was read from
@@ -129,6 +132,11 @@ def _parse(path: Path) -> Target:
         raise InputError(f"{path}: build.cc_search must be a list of directories")
     if not isinstance(lanes, int) or lanes < 1 or lanes & (lanes - 1) or lanes > 64:
         raise InputError(f"{path}: build.lanes must be a power of two between 1 and 64")
+    dot = build.get("dot", "")
+    if dot and dot not in DOT_ISAS:
+        raise InputError(f"{path}: build.dot must be one of {', '.join(DOT_ISAS)} (or omitted), got {dot!r}")
+    if dot and DOT_ISAS[dot] not in mattr:
+        raise InputError(f"{path}: build.dot = {dot!r} needs {DOT_ISAS[dot]!r} in llvm.mattr")
     for key, val in (("llvm.mcpu", llvm.get("mcpu", "")), ("build.cc", build.get("cc", "")),
                      ("summary", data.get("summary", "")), ("runtime.needs", runtime.get("needs", ""))):
         if not isinstance(val, str):
@@ -136,7 +144,7 @@ def _parse(path: Path) -> Target:
     return Target(name=name, summary=data.get("summary", ""), arch=arch, mtriple=llvm["mtriple"],
                   mcpu=llvm.get("mcpu", ""), mattr=tuple(mattr), kind=data.get("kind", "llvm"),
                   status=data.get("status", "ready"), cc=build.get("cc") or None, cc_search=tuple(cc_search),
-                  cc_package=build.get("cc_package", ""), lanes=lanes, runtime_os=runtime.get("os", "linux"),
+                  cc_package=build.get("cc_package", ""), lanes=lanes, dot=dot, runtime_os=runtime.get("os", "linux"),
                   runtime_needs=runtime.get("needs", ""), source=str(path))
 
 

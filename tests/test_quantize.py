@@ -41,6 +41,17 @@ def test_pack_unpack_roundtrip(name, shape):
         assert np.array_equal(dequantize(unpack(arrays, s, k, n)), dequantize(qt))
 
 
+@pytest.mark.parametrize("name", ["q8", "q4", "q4-g64-f32", "q8-g32"])
+@pytest.mark.parametrize("shape", [(64, 64), (172, 64), (100, 40), (96, 8)])
+def test_dot_layout_roundtrip(name, shape):
+    s = get_scheme(name)
+    k, n = shape
+    qt = quantize(RNG.standard_normal(shape).astype(np.float32), s)
+    arrays = pack(qt, 8, "dot")
+    assert {key: (a.shape, str(a.dtype)) for key, a in arrays.items()} == packed_shapes(s, k, n, 8, "dot")
+    assert np.array_equal(dequantize(unpack(arrays, s, k, n, "dot")), dequantize(qt))
+
+
 def test_q4_bytes_per_param():
     for k, n in [(1024, 1024), (1024, 2816), (172, 64)]:
         arrays = pack(quantize(RNG.standard_normal((k, n)).astype(np.float32), SCHEMES["q4"]), 16)
@@ -141,3 +152,72 @@ def test_kv_write_is_in_place_and_local(build):
     f(cache, tvm.runtime.tensor(new), 10)                 # total 10: rows 7, 8, 9
     c = cache.numpy()
     assert np.array_equal(c[:, :, 7:10], new) and not c[:, :, :7].any() and not c[:, :, 10:].any()
+
+
+# ---------------------------------------------------------------- int8 dot-product kernels (activations quantized)
+
+AVX2 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "mattr": ["+avx2", "+fma", "+f16c"]}
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q8_0 for activations, written out: blocks of 32 inputs (zero-padded), d = max|x| / 127,
+    q = round(x / d); returns the dequantized activations d * q."""
+    s, k = x.shape
+    kp = -(-k // 32) * 32
+    blocks = np.zeros((s, kp), np.float64)
+    blocks[:, :k] = x
+    blocks = blocks.reshape(s, -1, 32)
+    d = np.abs(blocks).max(axis=2, keepdims=True) / 127
+    q = np.rint(np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0))
+    assert np.abs(q).max() <= 127
+    return (q * d).reshape(s, kp)[:, :k]
+
+
+@pytest.fixture(scope="module")
+def build_avx2():
+    import tvm
+
+    target = tvm.target.Target(AVX2)
+
+    def _build(func):
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        with target:
+            return tvm.compile(mod, target=target).jit()["main"], tvm
+    return _build
+
+
+@pytest.mark.parametrize("name", ["q8", "q4", "q4-g64-f32", "q8-g32"])
+@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 48, 5), (256, 96, 9), (100, 8, 3)])
+def test_dot_kernel_is_int8_activations_times_dequantized_weights(build_avx2, name, k, n, rows):
+    from llamac import tvm_dot
+
+    s = get_scheme(name)
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    qt = quantize(w, s)
+    arrays = pack(qt, 8, "dot")
+    x = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    x[0, 0, :5] = 0                                     # an all-zero block must not divide by zero
+    if k >= 64:
+        x[0, -1, 32:64] = 0
+    f, tvm = build_avx2(tvm_dot.linear(s, k, n, "avx2"))
+    y = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
+    f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"]), y)
+    ref = q8_activations(x[0]) @ dequantize(qt).astype(np.float64)
+    assert np.abs(y.numpy()[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+    exact = x[0] @ w                                    # and activation quantization costs little accuracy
+    assert np.abs(y.numpy()[0] - exact).max() <= 0.15 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("name", ["q8", "q4"])
+def test_dot_embedding_kernel_is_numpy_dequantization(build_avx2, name):
+    from llamac import tvm_dot
+
+    s = get_scheme(name)
+    k, n = 72, 64
+    qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
+    arrays = pack(qt, 8, "dot")
+    ids = np.array([[0, 63, 5, 5, 30]], np.int64)
+    f, tvm = build_avx2(tvm_dot.embedding(s, k, n))
+    out = tvm.runtime.tensor(np.zeros((1, 5, k), np.float32))
+    f(tvm.runtime.tensor(ids), tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"]), out)
+    assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])

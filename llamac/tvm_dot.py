@@ -1,0 +1,251 @@
+"""Int8 dot-product kernels for q4/q8 linear layers: activations quantized on the fly, integer multiply-adds.
+
+On CPUs with byte dot products (AVX2 `vpmaddubsw`, Arm `sdot`) a quantized linear layer is cheapest as an integer
+dot product: the input row is quantized to int8 in blocks of 32 (one f32 scale per block, computed in the kernel),
+multiplied with the integer weight codes in 32-bit (or 16-bit, AVX2 q4) accumulators, and scaled to f32 once per
+block. Four to eight times fewer instructions per weight than dequantizing to f32, and it is the math llama.cpp's
+Q4_0/Q8_0 use. The result is exactly
+
+    y[s, n] = sum_blocks  dx[s, a] * s_w[n, g(a)] * sum_{k in a} xq[s, k] * q[n, k]      (q4: q = code - 8)
+
+with xq = rint(x * 127 / max|x over the block|), dx = max|x| / 127 (tests/test_quantize.py checks this in numpy).
+
+Weight layout ("dot"): 8 output channels by 4 consecutive inputs per 32-byte tile, so one broadcast of 4 activation
+bytes feeds 8 outputs.
+  q8: q [N/8, KP/4, 32] int8,   byte 4*c + j of tile t = input 4*t + j of channel c
+  q4: q [N/8, KP/8, 32] uint8,  low nibble of byte 4*c + j of tile t = input 8*t + j, high nibble = input 8*t + 4 + j
+      (codes are value + 8)
+  scales [N/8, G, 8] as in the lanes layout with 8 lanes. KP = K rounded up to the weight group (or to 32).
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from llamac.quantize import Scheme, dot_interleave
+
+OPAQUE = 8      # relax OpPatternKind kOpaque
+BLOCK = 32      # inputs per activation scale
+LANES = 8       # output channels per tile
+ISAS = ("avx2", "sdot")
+
+
+def supports(scheme: Scheme, k: int, n: int) -> bool:
+    """Whether the dot layout applies: int weights, 8 | N, weight groups a multiple of the activation block."""
+    return scheme.kind == "int" and n % LANES == 0 and (scheme.group_size is None or scheme.group_size % BLOCK == 0)
+
+
+def padded_k(scheme: Scheme, k: int) -> int:
+    step = scheme.group_size or BLOCK
+    return -(-k // step) * step
+
+
+def _tiles(nb: int, want: int) -> int:
+    for t in (want, 4, 2, 1):
+        if t <= want and nb % t == 0:
+            return t
+    return 1
+
+
+def _pmaddubsw(u8, i8):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), u8, i8, dtype="int16x16")
+
+
+def _pmaddwd(a, b):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b, dtype="int32x8")
+
+
+def _psign(a, b):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), a, b, dtype="int8x32")
+
+
+def _sdot(acc, a, b):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc, a, b,
+                                   dtype="int32x4")
+
+
+def linear(scheme: Scheme, k: int, n: int, isa: str):
+    """y[1, S, N] = x[1, S, K] @ W for W in the dot layout; `isa` is "avx2" or "sdot"."""
+    assert isa in ISAS and supports(scheme, k, n)
+    K, N = k, n
+    KP = padded_k(scheme, K)
+    NA = KP // BLOCK                     # activation blocks
+    GS = scheme.group_size or KP
+    G = KP // GS
+    APG = GS // BLOCK                    # activation blocks per weight group
+    NB = N // LANES
+    q4 = scheme.bits == 4
+    WCOLS = KP // 8 if q4 else KP // 4
+    wdtype = "uint8" if q4 else "int8"
+    sdt = scheme.scale_dtype
+    TI = dot_interleave(N)               # tiles stored side by side: w[tile // TI, col, tile % TI * 32 + byte]
+    NTD, NTP, TBP = TI, _tiles(TI, 2), 4  # decode: TI channel tiles at once; prefill: 4 rows x 2 tiles
+    avx2 = isa == "avx2"
+
+    @T.macro
+    def block_dot(w, xq32, isum, nt, a, r0, S, TB, NT):
+        # isum[t, b, 0:8] = sum over activation block a of xq[row t] * code[channel tile b] (int32)
+        if avx2 and q4:
+            a16 = T.alloc_buffer((TB, NT, 16), "int16", scope="local")
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    a16[t, b, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+            for c in T.unroll(4):       # 16-bit sums of 8 products stay below 8 * 2 * 15 * 127 < 2^15
+                for t in T.unroll(TB):
+                    for b in T.unroll(NT):
+                        a16[t, b, T.ramp(0, 1, 16)] = a16[t, b, T.ramp(0, 1, 16)] + _pmaddubsw(
+                            T.bitwise_and(w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32], "uint8x32"),
+                                          T.broadcast(T.uint8(15), 32)),
+                            T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2], 8),
+                                          dtype="int8x32")) + _pmaddubsw(
+                            T.shift_right(w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32], "uint8x32"),
+                                          T.broadcast(T.uint8(4), 32)),
+                            T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2 + 1], 8),
+                                          dtype="int8x32"))
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    isum[t, b, T.ramp(0, 1, 8)] = _pmaddwd(a16[t, b, T.ramp(0, 1, 16)],
+                                                           T.broadcast(T.int16(1), 16))
+        elif avx2:
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    isum[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+            for c in T.unroll(8):       # sign moved onto the weights: |x| (u8) * sign(x) w (i8), as vpmaddubsw needs
+                for t in T.unroll(TB):
+                    for b in T.unroll(NT):
+                        isum[t, b, T.ramp(0, 1, 8)] = isum[t, b, T.ramp(0, 1, 8)] + _pmaddwd(_pmaddubsw(
+                            _psign(T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 8),
+                                                 dtype="int8x32"),
+                                   T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 8),
+                                                 dtype="int8x32")),
+                            _psign(w.vload([(nt * NT + b) // TI, a * 8 + c, (nt * NT + b) % TI * 32], "int8x32"),
+                                   T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 8),
+                                                 dtype="int8x32"))), T.broadcast(T.int16(1), 16))
+        else:
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    isum[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+            for c in T.unroll(4 if q4 else 8):
+                for t in T.unroll(TB):
+                    for b in T.unroll(NT):
+                        for h in T.unroll(2):       # two 128-bit halves: channels 0-3, 4-7
+                            if q4:
+                                isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(_sdot(
+                                    isum[t, b, T.ramp(h * 4, 1, 4)],
+                                    T.reinterpret(T.bitwise_and(
+                                        w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32 + h * 16],
+                                                "uint8x16"), T.broadcast(T.uint8(15), 16)), dtype="int8x16"),
+                                    T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2], 4),
+                                                  dtype="int8x16")),
+                                    T.reinterpret(T.shift_right(
+                                        w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32 + h * 16], "uint8x16"),
+                                        T.broadcast(T.uint8(4), 16)), dtype="int8x16"),
+                                    T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2 + 1], 4),
+                                                  dtype="int8x16"))
+                            else:
+                                isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(
+                                    isum[t, b, T.ramp(h * 4, 1, 4)],
+                                    w.vload([(nt * NT + b) // TI, a * 8 + c, (nt * NT + b) % TI * 32 + h * 16], "int8x16"),
+                                    T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 4),
+                                                  dtype="int8x16"))
+
+    @T.macro
+    def tile(w, sc, xq32, dx, xs8, y, nt, r0, S, TB, NT):
+        acc = T.alloc_buffer((TB, NT, 8), "float32", scope="local")
+        gacc = T.alloc_buffer((TB, NT, 8), "float32", scope="local")
+        isum = T.alloc_buffer((TB, NT, 8), "int32", scope="local")
+        for t in T.unroll(TB):
+            for b in T.unroll(NT):
+                acc[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+        for g in range(G):
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    gacc[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+            for ab in range(APG):
+                block_dot(w, xq32, isum, nt, g * APG + ab, r0, S, TB, NT)
+                for t in T.unroll(TB):
+                    for b in T.unroll(NT):
+                        gacc[t, b, T.ramp(0, 1, 8)] = gacc[t, b, T.ramp(0, 1, 8)] + T.Cast(
+                            "float32x8", isum[t, b, T.ramp(0, 1, 8)] - T.broadcast(
+                                xs8[T.min(r0 + t, S - 1), g * APG + ab], 8)) * T.broadcast(
+                            dx[T.min(r0 + t, S - 1), g * APG + ab], 8)
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    acc[t, b, T.ramp(0, 1, 8)] = acc[t, b, T.ramp(0, 1, 8)] + gacc[t, b, T.ramp(0, 1, 8)] * T.Cast(
+                        "float32x8", sc.vload([(nt * NT + b) // TI, g, (nt * NT + b) % TI * 8], sdt + "x8"))
+        for t in T.unroll(TB):
+            if r0 + t < S:
+                for b in T.unroll(NT):
+                    y[r0 + t, T.ramp((nt * NT + b) * 8, 1, 8)] = acc[t, b, T.ramp(0, 1, 8)]
+
+    @T.prim_func(private=True)
+    def linear_dot(x_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype), sc: T.Buffer((NB // TI, G, 8 * TI), sdt),
+                   y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
+        S = T.int64()
+        x3 = T.match_buffer(x_h, (1, S, K), "float32")
+        y3 = T.match_buffer(y_h, (1, S, N), "float32")
+        x = T.decl_buffer((S, K), "float32", data=x3.data)
+        y = T.decl_buffer((S, N), "float32", data=y3.data)
+        xq = T.alloc_buffer((S, KP), "int8")
+        xq32 = T.decl_buffer((S, KP // 4), "int32", data=xq.data)
+        dx = T.alloc_buffer((S, NA), "float32")
+        xs8 = T.alloc_buffer((S, NA), "int32")      # q4: 8 * sum of the block's xq (the codes' offset); q8: 0
+        for r in T.parallel(S):
+            for a in range(NA):
+                m = T.alloc_buffer((1,), "float32", scope="local")
+                s = T.alloc_buffer((1,), "int32", scope="local")
+                m[0] = T.float32(0)
+                s[0] = 0
+                for e in range(BLOCK):
+                    if a * BLOCK + e < K:
+                        m[0] = T.max(m[0], T.fabs(x[r, a * BLOCK + e]))
+                dx[r, a] = m[0] / T.float32(127)
+                for e in range(BLOCK):
+                    xq[r, a * BLOCK + e] = T.Cast("int8", T.if_then_else(
+                        a * BLOCK + e < K and m[0] > T.float32(0),
+                        T.nearbyint(x[r, T.min(a * BLOCK + e, K - 1)] * (T.float32(127) / m[0])), T.float32(0)))
+                    s[0] = s[0] + T.Cast("int32", xq[r, a * BLOCK + e])
+                xs8[r, a] = s[0] * 8 if q4 else 0
+        if S == 1:
+            for nt in T.parallel(NB // NTD):
+                tile(w, sc, xq32, dx, xs8, y, nt, T.int64(0), S, 1, NTD)
+        else:
+            for nt in T.parallel(NB // NTP):
+                for sb in range((S + TBP - 1) // TBP):
+                    tile(w, sc, xq32, dx, xs8, y, nt, sb * TBP, S, TBP, NTP)
+
+    return linear_dot
+
+
+def embedding(scheme: Scheme, k: int, n: int):
+    """out[0, s, :] = dequantized row ids[0, s] of the dot-layout weight (tied embeddings share the lm_head's)."""
+    K, N = k, n
+    KP = padded_k(scheme, K)
+    GS = scheme.group_size or KP
+    G = KP // GS
+    NB = N // LANES
+    q4 = scheme.bits == 4
+    WCOLS = KP // 8 if q4 else KP // 4
+    wdtype = "uint8" if q4 else "int8"
+    TI = dot_interleave(N)
+
+    @T.prim_func(private=True)
+    def embed_dot(ids_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype),
+                  sc: T.Buffer((NB // TI, G, 8 * TI), scheme.scale_dtype),
+                  out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "embedding", "op_pattern": OPAQUE})
+        S = T.int64()
+        ids = T.match_buffer(ids_h, (1, S), "int64")
+        out = T.match_buffer(out_h, (1, S, K), "float32")
+        for s in T.parallel(S):
+            for h in range(K):
+                if q4:
+                    out[0, s, h] = (T.Cast("float32", T.bitwise_and(T.shift_right(
+                        w[ids[0, s] // 8 // TI, h // 8, ids[0, s] // 8 % TI * 32 + ids[0, s] % 8 * 4 + h % 4], T.Cast("uint8", h % 8 // 4 * 4)),
+                        T.uint8(15))) - T.float32(8)) * T.Cast("float32", sc[ids[0, s] // 8 // TI, h // GS, ids[0, s] // 8 % TI * 8 + ids[0, s] % 8])
+                else:
+                    out[0, s, h] = T.Cast("float32", w[ids[0, s] // 8 // TI, h // 4, ids[0, s] // 8 % TI * 32 + ids[0, s] % 8 * 4 + h % 4]) * T.Cast(
+                        "float32", sc[ids[0, s] // 8 // TI, h // GS, ids[0, s] // 8 % TI * 8 + ids[0, s] % 8])
+
+    return embed_dot
+
