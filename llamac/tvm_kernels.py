@@ -19,7 +19,8 @@ from tvm.script import tirx as T
 from llamac.quantize import Scheme
 
 OPAQUE = 8      # relax OpPatternKind kOpaque: FuseOps leaves these kernels alone
-ROWS = 4        # prefill tile: rows sharing one dequantized weight vector
+ROWS = 4        # prefill tile: rows sharing one dequantized weight vector (q8/q4)
+FLOAT_ROWS = 6  # f32/f16 prefill tile: 6 rows x 2 vectors = 12 accumulators, the most that fit 16 AVX registers
 SPLIT = 2       # decode: independent accumulator chains per output vector (hides FMA latency)
 
 
@@ -38,6 +39,7 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
     A = SPLIT if K % SPLIT == 0 and GS % SPLIT == 0 else 1  # then every group length divides too
     scaled = sdtype is not None
     sdt = sdtype or "float32"
+    TB = ROWS if scaled else FLOAT_ROWS
     sshape = (NB, G, L) if scaled else (1, 1, 1)     # float weights: an unused placeholder scale
 
     @T.macro
@@ -83,8 +85,8 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
             if S == 1:
                 tile(x, w, sc, y, nb, T.int64(0), S, 1, A)
             else:
-                for sb in range((S + ROWS - 1) // ROWS):
-                    tile(x, w, sc, y, nb, sb * ROWS, S, ROWS, 1)
+                for sb in range((S + TB - 1) // TB):
+                    tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
 
     return linear_dense
 
