@@ -286,3 +286,73 @@ def attn_values(kv_heads: int, capacity: int, head_dim: int):
                 out[0, h, r, d] = acc[d]
 
     return attn_values
+
+
+def _bc(value: float, dtype: str = "float32"):
+    return T.broadcast(T.float32(value) if dtype == "float32" else T.int32(value), 8)
+
+
+def _exp8(x):
+    """exp of 8 lanes of x <= 0, as vector arithmetic (libm's expf would be called lane by lane): 2^n * 2^f with
+    n = rint(x log2 e), |f| <= 1/2 and 2^f by its degree-7 Taylor polynomial (relative error < 1e-8); 0 below -87."""
+    t = T.max(x, _bc(-87.0)) * _bc(1.4426950408889634)
+    n = T.nearbyint(t)
+    f = (t - n) * _bc(0.6931471805599453)
+    p = _bc(1.0 / 5040)
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        p = p * f + _bc(c)
+    scale = T.reinterpret(T.shift_left(T.Cast("int32x8", n) + _bc(127, "int32"), _bc(23, "int32")),
+                          dtype="float32x8")
+    return T.Select(x < _bc(-87.0), _bc(0.0), p * scale)
+
+
+def masked_softmax(rows: int):
+    """out = softmax(where(visible, scores, f32 min), axis=-1) for scores [1, rows, S, T] and visible [1, S, T] (the
+    attention mask, shared by all rows): 8-lane passes for the max, exp and sum, and the scaling."""
+    R = rows
+    LOW = -3.4028234663852886e38     # the graph's fill value (numpy's float32 min): a fully masked row is uniform
+
+    @T.prim_func(private=True)
+    def masked_softmax(s_h: T.handle, vis_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "masked_softmax", "op_pattern": OPAQUE})
+        S = T.int64()
+        total = T.int64()
+        sc = T.match_buffer(s_h, (1, R, S, total), "float32")
+        vis = T.match_buffer(vis_h, (1, S, total), "bool")
+        out = T.match_buffer(out_h, (1, R, S, total), "float32")
+        for rs in T.parallel(R * S):
+            acc = T.alloc_buffer((8,), "float32", scope="local")
+            tail = T.alloc_buffer((8,), "float32", scope="local")   # the last total % 8 scores, padded with LOW
+            r = rs // S
+            s = rs % S
+            for v in range(8):
+                tail[v] = T.float32(LOW)
+            for j in range(total // 8 * 8, total):
+                tail[j % 8] = T.Select(vis[0, s, j], sc[0, r, s, j], T.float32(LOW))
+            acc[0:8] = tail.vload([0], "float32x8")
+            for j0 in range(total // 8):
+                acc[0:8] = T.max(acc.vload([0], "float32x8"), T.Select(
+                    vis.vload([0, s, j0 * 8], "boolx8"), sc.vload([0, r, s, j0 * 8], "float32x8"), _bc(LOW)))
+            for v in range(1, 8):
+                acc[0] = T.max(acc[0], acc[v])
+            m = T.alloc_buffer((1,), "float32", scope="local")
+            m[0] = acc[0]
+            acc[0:8] = _bc(0.0)
+            for j0 in range(total // 8):
+                out[0, r, s, j0 * 8:j0 * 8 + 8] = _exp8(T.Select(
+                    vis.vload([0, s, j0 * 8], "boolx8"), sc.vload([0, r, s, j0 * 8], "float32x8"), _bc(LOW))
+                    - T.broadcast(m[0], 8))
+                acc[0:8] = acc.vload([0], "float32x8") + out.vload([0, r, s, j0 * 8], "float32x8")
+            tail[0:8] = _exp8(tail.vload([0], "float32x8") - T.broadcast(m[0], 8))
+            for j in range(total // 8 * 8, total):
+                out[0, r, s, j] = tail[j % 8]
+                acc[0] = acc[0] + tail[j % 8]
+            for v in range(1, 8):
+                acc[0] = acc[0] + acc[v]
+            for j0 in range(total // 8):
+                out[0, r, s, j0 * 8:j0 * 8 + 8] = out.vload([0, r, s, j0 * 8], "float32x8") * T.broadcast(
+                    T.float32(1) / acc[0], 8)
+            for j in range(total // 8 * 8, total):
+                out[0, r, s, j] = out[0, r, s, j] * (T.float32(1) / acc[0])
+
+    return masked_softmax

@@ -28,7 +28,9 @@ from llamac.quantize import Scheme, SCHEMES, packed_shapes, pick_lanes
 from llamac.tvm_import import Imported
 
 _OP = {n: tvm.ir.Op.get(f"relax.{n}") for n in
-       ("concat", "matmul", "permute_dims", "expand_dims", "reshape", "take", "astype", "shape_of")}
+       ("concat", "matmul", "permute_dims", "expand_dims", "reshape", "take", "astype", "shape_of", "where",
+        "nn.softmax")}
+FILL_LOW = -1e38      # where(mask, scores, fill) with a fill at least this low is masking (the exporter uses f32 min)
 
 
 @dataclasses.dataclass
@@ -299,6 +301,10 @@ class _StepRewriter(relax.PyExprMutator):
             w = call.args[1]
             if w in self.by_var and self.by_var[w] in self.packed:
                 return self._linear(call, self.packed[self.by_var[w]])
+        if _call_op(call, "nn.softmax"):
+            fused = self._masked_softmax(call)
+            if fused is not None:
+                return fused
         if _call_op(call, "take") and call.args[0] in self.by_var and self.by_var[call.args[0]] in self.packed:
             return self._embedding(call, self.packed[self.by_var[call.args[0]]])
         if _call_op(call, "shape_of") and call.args[0] in self.by_var and self.by_var[call.args[0]] in self.packed:
@@ -361,6 +367,33 @@ class _StepRewriter(relax.PyExprMutator):
             y = relax.op.reshape(self._emit(y), xshape[:-1] + [pw.n])
         return self._like(y, call)
 
+    def _masked_softmax(self, call):
+        """softmax(where(visible, scores, very low), axis=-1) -> one kernel (the graph's version materializes the
+        masked scores and calls libm's exp per element: half of a 512-token prefill went there)."""
+        w = self._producer(call.args[0], ())
+        if w is None or not _call_op(w, "where"):
+            return None
+        cond, scores, fill = w.args
+        shape = list(call.ty.shape.values)
+        cshape = list(cond.ty.shape.values) if cond.ty.shape is not None else []
+        fill_value = fill.value.numpy() if isinstance(fill, tvm.ir.expr.Constant) else None
+        if (fill_value is None or fill_value.size != 1 or float(fill_value.reshape(())) > FILL_LOW or int(call.attrs.axis) not in (-1, len(shape) - 1)
+                or len(shape) < 3 or not _equal(shape[0], 1) or cond.ty.dtype != "bool" or len(cshape) < 2
+                or not all(_equal(d, 1) for d in cshape[:-2])
+                or any(not _same_dim(a, b) for a, b in zip(cshape[-2:], shape[-2:]))):
+            return None
+        rows = _prod(shape[1:-2])
+        if not isinstance(rows, (int, tvm.tirx.IntImm)):
+            return None
+        rows = int(rows)
+        x = self._f32(self.visit_expr(scores))
+        seq, total = shape[-2], shape[-1]
+        gv = self._kernel(("masked_softmax", rows), lambda: tvm_kernels.masked_softmax(rows))
+        x4 = self._emit(relax.op.reshape(x, [1, rows, seq, total]))
+        c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total]))
+        out = self._emit(relax.call_tir(gv, [x4, c3], relax.TensorType([1, rows, seq, total], "float32")))
+        return self._like(relax.op.reshape(out, shape), call)
+
     @staticmethod
     def _zero_scale(pw: PackedWeight):
         # float kernels take an unused [1, 1, 1] scale so that all weight kernels share one signature
@@ -385,6 +418,13 @@ class _StepRewriter(relax.PyExprMutator):
         if axis == 1:                                                # take(W[H, V], ids, axis=1) -> [H, 1, seq]
             out = relax.op.permute_dims(self._emit(out), [2, 0, 1])
         return self._like(out, call)
+
+
+def _same_dim(a, b) -> bool:
+    """Two shape dims that are the same int or the same symbolic variable."""
+    if isinstance(a, (int, tvm.tirx.IntImm)) and isinstance(b, (int, tvm.tirx.IntImm)):
+        return int(a) == int(b)
+    return a.same_as(b)
 
 
 def _equal(a, b) -> bool:

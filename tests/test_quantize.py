@@ -221,3 +221,22 @@ def test_dot_embedding_kernel_is_numpy_dequantization(build_avx2, name):
     out = tvm.runtime.tensor(np.zeros((1, 5, k), np.float32))
     f(tvm.runtime.tensor(ids), tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"]), out)
     assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])
+
+
+@pytest.mark.parametrize("seq,total", [(5, 13), (1, 77), (16, 16), (3, 40)])
+def test_masked_softmax_kernel_is_softmax_of_where(build, seq, total):
+    """The fused kernel = softmax(where(visible, scores, f32 min)) as the graph computes it, including a query row
+    with no visible key (uniform, like the graph) and scores far apart (exp underflows to 0)."""
+    from llamac import tvm_kernels
+
+    rows = 6
+    scores = (RNG.standard_normal((1, rows, seq, total)) * 30).astype(np.float32)
+    visible = np.tril(np.ones((seq, total), bool), total - seq)[None]
+    visible[0, :, 0] = False
+    visible[0, -1, :] = seq < 3                          # the last query sees nothing (unless that hides all rows)
+    f, tvm = build(tvm_kernels.masked_softmax(rows))
+    out = tvm.runtime.tensor(np.zeros_like(scores))
+    f(tvm.runtime.tensor(scores), tvm.runtime.tensor(visible), out)
+    w = np.where(visible[:, None], scores, np.finfo(np.float32).min).astype(np.float64)
+    e = np.exp(w - w.max(-1, keepdims=True))
+    assert np.abs(out.numpy() - e / e.sum(-1, keepdims=True)).max() < 1e-6
