@@ -85,6 +85,7 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
     for row in missing:
         lines.append(f"| {row['peer']} | {row['format']} | | not measured | | | | | | | | |")
     lines += ["", f"![pp{p} and tg{n} per peer]({png_name})", ""]
+    table_end = len(lines)
 
     by = {(r["peer"], r["format"]): r for r in _rows(res)}
     lines += [f"## llamac / llama.cpp, same run (issue 7's bars: tg ≥ {BAR_TG}x, pp ≥ {BAR_PP}x, "
@@ -104,6 +105,8 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
         lines.append(f"| {q} | {ft} | {r['pp_best']:.2f}x | {r['pp_median']:.2f}x | {r['tg_best']:.2f}x "
                      f"| {r['tg_median']:.2f}x | {_f(100 * share if share else None, 0)} % | {', '.join(met)} |")
     lines.append("")
+    ratios = lines[table_end:]
+    table = lines[_table_start(lines):table_end]
 
     if missing:
         lines += ["## Not measured", ""]
@@ -149,3 +152,28 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
               ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+    update_benchmarks(out.parent / "BENCHMARKS.md", res, table, ratios, out.name)
+
+
+BEGIN, END = "<!-- harness:begin -->", "<!-- harness:end -->"
+
+
+def _table_start(lines: list[str]) -> int:
+    return next(i for i, ln in enumerate(lines) if ln.startswith("| peer |"))
+
+
+def update_benchmarks(path: Path, res: dict, table: list[str], ratios: list[str], peers_name: str) -> None:
+    """Replace the block between the harness markers in docs/BENCHMARKS.md with this run's tables."""
+    if not path.is_file() or BEGIN not in path.read_text():
+        return
+    text = path.read_text()
+    m = res["machine"]
+    head = [BEGIN,
+            f"Last harness run: {res['when']}, `python bench/{res['command']}`, llamac target "
+            f"`{res['llamac_target']}`; {m.get('cpu', '?')}, {m.get('cores')} cores; load: {_load_summary(res)}; "
+            f"memory bandwidth {_f(res.get('bandwidth_best_gbs'))} GB/s (best of the rounds). Method, versions and "
+            f"the cross-check: [{peers_name}]({peers_name}).", ""]
+    block = head + table + [r.replace("## ", "### ", 1) for r in ratios] + [END]
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1] if END in rest else ""
+    path.write_text(before + "\n".join(block) + after)
