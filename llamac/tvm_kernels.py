@@ -224,18 +224,13 @@ def kv_write(kv_heads: int, capacity: int, head_dim: int):
     return kv_write
 
 
-def _vec(d: int) -> int:
-    for v in (8, 4, 2):
-        if d % v == 0:
-            return v
-    return 1
-
-
 def attn_scores(kv_heads: int, capacity: int, head_dim: int):
-    """out[0, h, r, j] = q[0, h, r, :] . k[0, h, j, :] for j < total (R query rows per kv head: GQA groups x seq)."""
+    """out[0, h, r, j] = q[0, h, r, :] . k[0, h, j, :] for j < total (R query rows per kv head: GQA groups x seq).
+
+    The valid keys are first transposed into a [D, keys] workspace per head, so that a tile of RB query rows times
+    JB keys is RB x JB/8 vector accumulators updated by broadcast FMAs (no horizontal sums per score)."""
     H, C, D = kv_heads, capacity, head_dim
-    V = _vec(D)
-    JB = 32
+    JB, RB = 16, 4
 
     @T.prim_func(private=True)
     def attn_scores(q_h: T.handle, k: T.Buffer((1, H, C, D), "float32"), out_h: T.handle):
@@ -244,27 +239,46 @@ def attn_scores(kv_heads: int, capacity: int, head_dim: int):
         total = T.int64()
         q = T.match_buffer(q_h, (1, H, R, D), "float32")
         out = T.match_buffer(out_h, (1, H, R, total), "float32")
-        for hb in T.parallel(H * ((total + JB - 1) // JB)):
-            acc = T.alloc_buffer((V,), "float32", scope="local")
-            h = hb // ((total + JB - 1) // JB)
-            j0 = hb % ((total + JB - 1) // JB) * JB
-            for jj in range(T.min(JB, total - j0)):
-                for r in range(R):
-                    for v in T.vectorized(V):
-                        acc[v] = T.float32(0)
-                    for d0 in range(D // V):
-                        for v in T.vectorized(V):
-                            acc[v] = acc[v] + q[0, h, r, d0 * V + v] * k[0, h, j0 + jj, d0 * V + v]
-                    out[0, h, r, j0 + jj] = T.float32(0)
-                    for v in range(V):
-                        out[0, h, r, j0 + jj] = out[0, h, r, j0 + jj] + acc[v]
+        kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
+        for hj in T.parallel(H * ((total + JB - 1) // JB)):
+            for d in range(D):
+                for jj in range(JB):
+                    kt[hj // ((total + JB - 1) // JB), d, hj % ((total + JB - 1) // JB) * JB + jj] = T.if_then_else(
+                        hj % ((total + JB - 1) // JB) * JB + jj < total,
+                        k[0, hj // ((total + JB - 1) // JB), T.min(hj % ((total + JB - 1) // JB) * JB + jj, C - 1), d],
+                        T.float32(0))
+        for hr in T.parallel(H * ((R + RB - 1) // RB)):
+            acc = T.alloc_buffer((RB, JB), "float32", scope="local")
+            h = hr // ((R + RB - 1) // RB)
+            r0 = hr % ((R + RB - 1) // RB) * RB
+            for jb in range((total + JB - 1) // JB):
+                for t in T.unroll(RB):
+                    for jj in T.vectorized(JB):
+                        acc[t, jj] = T.float32(0)
+                for d in range(D):
+                    for t in T.unroll(RB):
+                        for jj in T.vectorized(JB):
+                            acc[t, jj] = acc[t, jj] + q[0, h, T.min(r0 + t, R - 1), d] * kt[h, d, jb * JB + jj]
+                for t in T.unroll(RB):
+                    if r0 + t < R:
+                        if jb * JB + JB <= total:
+                            for jj in T.vectorized(JB):
+                                out[0, h, r0 + t, jb * JB + jj] = acc[t, jj]
+                        else:
+                            for jj in range(JB):
+                                if jb * JB + jj < total:
+                                    out[0, h, r0 + t, jb * JB + jj] = acc[t, jj]
 
     return attn_scores
 
 
 def attn_values(kv_heads: int, capacity: int, head_dim: int):
-    """out[0, h, r, :] = sum_j p[0, h, r, j] * v[0, h, j, :] for j < total."""
+    """out[0, h, r, :] = sum_j p[0, h, r, j] * v[0, h, j, :] for j < total; tasks of RB rows x DC columns (RB x DC/8
+    vector accumulators, each loaded V row feeding RB rows)."""
     H, C, D = kv_heads, capacity, head_dim
+    RB = 2
+    DC = 32 if D % 32 == 0 else D
+    ND = D // DC
 
     @T.prim_func(private=True)
     def attn_values(p_h: T.handle, v: T.Buffer((1, H, C, D), "float32"), out_h: T.handle):
@@ -273,17 +287,22 @@ def attn_values(kv_heads: int, capacity: int, head_dim: int):
         total = T.int64()
         p = T.match_buffer(p_h, (1, H, R, total), "float32")
         out = T.match_buffer(out_h, (1, H, R, D), "float32")
-        for hr in T.parallel(H * R):
-            acc = T.alloc_buffer((D,), "float32", scope="local")
-            h = hr // R
-            r = hr % R
-            for d in T.vectorized(D):
-                acc[d] = T.float32(0)
+        for task in T.parallel(H * ((R + RB - 1) // RB) * ND):
+            acc = T.alloc_buffer((RB, DC), "float32", scope="local")
+            h = task // (((R + RB - 1) // RB) * ND)
+            r0 = task // ND % ((R + RB - 1) // RB) * RB
+            c0 = task % ND * DC
+            for t in T.unroll(RB):
+                for c in T.vectorized(DC):
+                    acc[t, c] = T.float32(0)
             for j in range(total):
-                for d in T.vectorized(D):
-                    acc[d] = acc[d] + p[0, h, r, j] * v[0, h, j, d]
-            for d in T.vectorized(D):
-                out[0, h, r, d] = acc[d]
+                for t in T.unroll(RB):
+                    for c in T.vectorized(DC):
+                        acc[t, c] = acc[t, c] + p[0, h, T.min(r0 + t, R - 1), j] * v[0, h, j, c0 + c]
+            for t in T.unroll(RB):
+                if r0 + t < R:
+                    for c in T.vectorized(DC):
+                        out[0, h, r0 + t, c0 + c] = acc[t, c]
 
     return attn_values
 
