@@ -177,6 +177,25 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
                 for b in T.unroll(NT):
                     y[r0 + t, T.ramp((nt * NT + b) * 8, 1, 8)] = acc[t, b, T.ramp(0, 1, 8)]
 
+    @T.macro
+    def quantize_row(x, xq, dx, xs8, r):
+        # xq = rint(x * 127 / max|x|) per block of 32 inputs (zero past K); dx = max|x| / 127; q4: xs8 = 8 * sum(xq)
+        for a in range(NA):
+            m = T.alloc_buffer((1,), "float32", scope="local")
+            s = T.alloc_buffer((1,), "int32", scope="local")
+            m[0] = T.float32(0)
+            s[0] = 0
+            for e in range(BLOCK):
+                if a * BLOCK + e < K:
+                    m[0] = T.max(m[0], T.fabs(x[r, a * BLOCK + e]))
+            dx[r, a] = m[0] / T.float32(127)
+            for e in range(BLOCK):
+                xq[r, a * BLOCK + e] = T.Cast("int8", T.if_then_else(
+                    a * BLOCK + e < K and m[0] > T.float32(0),
+                    T.nearbyint(x[r, T.min(a * BLOCK + e, K - 1)] * (T.float32(127) / m[0])), T.float32(0)))
+                s[0] = s[0] + T.Cast("int32", xq[r, a * BLOCK + e])
+            xs8[r, a] = s[0] * 8 if q4 else 0
+
     @T.prim_func(private=True)
     def linear_dot(x_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype), sc: T.Buffer((NB // TI, G, 8 * TI), sdt),
                    y_h: T.handle):
@@ -190,22 +209,11 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
         xq32 = T.decl_buffer((S, KP // 4), "int32", data=xq.data)
         dx = T.alloc_buffer((S, NA), "float32")
         xs8 = T.alloc_buffer((S, NA), "int32")      # q4: 8 * sum of the block's xq (the codes' offset); q8: 0
-        for r in T.parallel(S):
-            for a in range(NA):
-                m = T.alloc_buffer((1,), "float32", scope="local")
-                s = T.alloc_buffer((1,), "int32", scope="local")
-                m[0] = T.float32(0)
-                s[0] = 0
-                for e in range(BLOCK):
-                    if a * BLOCK + e < K:
-                        m[0] = T.max(m[0], T.fabs(x[r, a * BLOCK + e]))
-                dx[r, a] = m[0] / T.float32(127)
-                for e in range(BLOCK):
-                    xq[r, a * BLOCK + e] = T.Cast("int8", T.if_then_else(
-                        a * BLOCK + e < K and m[0] > T.float32(0),
-                        T.nearbyint(x[r, T.min(a * BLOCK + e, K - 1)] * (T.float32(127) / m[0])), T.float32(0)))
-                    s[0] = s[0] + T.Cast("int32", xq[r, a * BLOCK + e])
-                xs8[r, a] = s[0] * 8 if q4 else 0
+        if S == 1:              # decode: one row, not worth a thread-pool launch
+            quantize_row(x, xq, dx, xs8, T.int64(0))
+        else:
+            for r in T.parallel(S):
+                quantize_row(x, xq, dx, xs8, r)
         if S == 1:
             for nt in T.parallel(NB // NTD):
                 tile(w, sc, xq32, dx, xs8, y, nt, T.int64(0), S, 1, NTD)

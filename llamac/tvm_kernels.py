@@ -216,7 +216,7 @@ def kv_write(kv_heads: int, capacity: int, head_dim: int):
         T.func_attr({"tirx.noalias": True, "llamac.kernel": "kv_write", "op_pattern": OPAQUE})
         S = T.int64()
         new = T.match_buffer(new_h, (1, H, S, D), "float32")
-        for h in T.parallel(H):
+        for h in range(H):          # a copy of S x H x D floats: a thread-pool launch would cost more
             for i in range(S):
                 for d in T.vectorized(D):
                     cache[0, h, total - S + i, d] = new[0, h, i, d]
