@@ -46,6 +46,15 @@ def _tiles(nb: int, want: int) -> int:
     return 1
 
 
+def _decode_tiles(nb: int, ti: int, most: int) -> int:
+    """Channel tiles per decode task: up to `most` (whole interleave groups), keeping at least two tasks. More tiles
+    per task = more cache lines in flight per step; decode is bound by memory latency, not by arithmetic."""
+    for m in (4, 2, 1):
+        if ti * m <= most and nb % (ti * m) == 0 and nb // (ti * m) >= 2:
+            return ti * m
+    return ti
+
+
 def _pmaddubsw(u8, i8):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), u8, i8, dtype="int16x16")
 
@@ -78,7 +87,7 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
     wdtype = "uint8" if q4 else "int8"
     sdt = scheme.scale_dtype
     TI = dot_interleave(N)               # tiles stored side by side: w[tile // TI, col, tile % TI * 32 + byte]
-    NTD, NTP, TBP = TI, _tiles(TI, 2), 4  # decode: TI channel tiles at once; prefill: 4 rows x 2 tiles
+    NTD, NTP, TBP = _decode_tiles(NB, TI, 16 if isa == "avx2" else 8), _tiles(TI, 2), 4  # prefill: 4 rows x 2 tiles
     avx2 = isa == "avx2"
 
     @T.macro

@@ -187,7 +187,7 @@ def build_avx2():
 
 
 @pytest.mark.parametrize("name", ["q8", "q4", "q4-g64-f32", "q8-g32"])
-@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 48, 5), (256, 96, 9), (100, 8, 3)])
+@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 48, 5), (256, 96, 9), (100, 8, 3), (64, 256, 1), (96, 128, 2)])
 def test_dot_kernel_is_int8_activations_times_dequantized_weights(build_avx2, name, k, n, rows):
     from llamac import tvm_dot
 
