@@ -375,3 +375,38 @@ def masked_softmax(rows: int):
                 out[0, r, s, j] = out[0, r, s, j] * (T.float32(1) / acc[0])
 
     return masked_softmax
+
+
+def silu_mul(width: int):
+    """out = gate * sigmoid(gate) * up for [1, S, width] (SwiGLU's middle): sigmoid from _exp8 of -|gate| (never
+    overflows), 8 lanes at a time; one row needs no thread-pool launch."""
+    F = width
+    FV = F // 8 * 8
+
+    @T.macro
+    def row(g, u, o, s):
+        for f0 in range(F // 8):
+            o[0, s, f0 * 8:f0 * 8 + 8] = g.vload([0, s, f0 * 8], "float32x8") * u.vload([0, s, f0 * 8], "float32x8") * T.Select(
+                g.vload([0, s, f0 * 8], "float32x8") >= _bc(0.0),
+                _bc(1.0) / (_bc(1.0) + _exp8(T.min(g.vload([0, s, f0 * 8], "float32x8"),
+                                                   _bc(0.0) - g.vload([0, s, f0 * 8], "float32x8")))),
+                _exp8(T.min(g.vload([0, s, f0 * 8], "float32x8"), _bc(0.0) - g.vload([0, s, f0 * 8], "float32x8")))
+                / (_bc(1.0) + _exp8(T.min(g.vload([0, s, f0 * 8], "float32x8"),
+                                          _bc(0.0) - g.vload([0, s, f0 * 8], "float32x8")))))
+        for f in range(FV, F):
+            o[0, s, f] = g[0, s, f] * u[0, s, f] * T.sigmoid(g[0, s, f])
+
+    @T.prim_func(private=True)
+    def silu_mul(g_h: T.handle, u_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "silu_mul", "op_pattern": OPAQUE})
+        S = T.int64()
+        g = T.match_buffer(g_h, (1, S, F), "float32")
+        u = T.match_buffer(u_h, (1, S, F), "float32")
+        o = T.match_buffer(o_h, (1, S, F), "float32")
+        if S == 1:
+            row(g, u, o, T.int64(0))
+        else:
+            for s in T.parallel(S):
+                row(g, u, o, s)
+
+    return silu_mul

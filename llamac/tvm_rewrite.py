@@ -29,7 +29,7 @@ from llamac.tvm_import import Imported
 
 _OP = {n: tvm.ir.Op.get(f"relax.{n}") for n in
        ("concat", "matmul", "permute_dims", "expand_dims", "reshape", "take", "astype", "shape_of", "where",
-        "nn.softmax")}
+        "nn.softmax", "multiply", "sigmoid")}
 FILL_LOW = -1e38      # where(mask, scores, fill) with a fill at least this low is masking (the exporter uses f32 min)
 
 
@@ -305,6 +305,10 @@ class _StepRewriter(relax.PyExprMutator):
             fused = self._masked_softmax(call)
             if fused is not None:
                 return fused
+        if _call_op(call, "multiply"):
+            fused = self._silu_mul(call)
+            if fused is not None:
+                return fused
         if _call_op(call, "take") and call.args[0] in self.by_var and self.by_var[call.args[0]] in self.packed:
             return self._embedding(call, self.packed[self.by_var[call.args[0]]])
         if _call_op(call, "shape_of") and call.args[0] in self.by_var and self.by_var[call.args[0]] in self.packed:
@@ -393,6 +397,28 @@ class _StepRewriter(relax.PyExprMutator):
         c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total]))
         out = self._emit(relax.call_tir(gv, [x4, c3], relax.TensorType([1, rows, seq, total], "float32")))
         return self._like(relax.op.reshape(out, shape), call)
+
+    def _silu_mul(self, call):
+        """(gate * sigmoid(gate)) * up -> one kernel (the generic one calls libm's exp per element)."""
+        shape = list(call.ty.shape.values) if call.ty.shape is not None else []
+        if len(shape) != 3 or not _equal(shape[0], 1) or not isinstance(shape[2], (int, tvm.tirx.IntImm)):
+            return None
+        for prod, up in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+            inner = self._producer(prod, ())
+            if inner is None or not _call_op(inner, "multiply"):
+                continue
+            for gate, sig in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
+                sv = self._producer(sig, ())
+                if sv is None or not _call_op(sv, "sigmoid") or not sv.args[0].same_as(gate):
+                    continue
+                shapes = [list(e.ty.shape.values) if e.ty.shape is not None else [] for e in (gate, up)]
+                if not all(len(sh) == 3 and all(_same_dim(a, b) for a, b in zip(sh, shape)) for sh in shapes):
+                    return None
+                width = int(shape[2])
+                g, u = self._f32(self.visit_expr(gate)), self._f32(self.visit_expr(up))
+                gv = self._kernel(("silu_mul", width), lambda: tvm_kernels.silu_mul(width))
+                return self._like(relax.call_tir(gv, [g, u], relax.TensorType(shape, "float32")), call)
+        return None
 
     @staticmethod
     def _zero_scale(pw: PackedWeight):

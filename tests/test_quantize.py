@@ -240,3 +240,19 @@ def test_masked_softmax_kernel_is_softmax_of_where(build, seq, total):
     w = np.where(visible[:, None], scores, np.finfo(np.float32).min).astype(np.float64)
     e = np.exp(w - w.max(-1, keepdims=True))
     assert np.abs(out.numpy() - e / e.sum(-1, keepdims=True)).max() < 1e-6
+
+
+@pytest.mark.parametrize("rows,width", [(1, 64), (5, 44), (3, 8)])
+def test_silu_mul_kernel(build, rows, width):
+    """gate * sigmoid(gate) * up, including gates far enough out that exp over- or underflows."""
+    from llamac import tvm_kernels
+
+    gate = (RNG.standard_normal((1, rows, width)) * 8).astype(np.float32)
+    gate[0, 0, :4] = [-200.0, 200.0, 0.0, -0.0]
+    up = RNG.standard_normal((1, rows, width)).astype(np.float32)
+    f, tvm = build(tvm_kernels.silu_mul(width))
+    out = tvm.runtime.tensor(np.zeros_like(gate))
+    f(tvm.runtime.tensor(gate), tvm.runtime.tensor(up), out)
+    g = gate.astype(np.float64)
+    ref = g / (1 + np.exp(-g)) * up
+    assert np.abs(out.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
