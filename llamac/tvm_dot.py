@@ -55,6 +55,10 @@ def _decode_tiles(nb: int, ti: int, most: int) -> int:
     return ti
 
 
+def _abs8(v):
+    return T.max(v, T.broadcast(T.float32(0), 8) - v)
+
+
 def _pmaddubsw(u8, i8):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), u8, i8, dtype="int16x16")
 
@@ -190,19 +194,37 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
     def quantize_row(x, xq, dx, xs8, r):
         # xq = rint(x * 127 / max|x|) per block of 32 inputs (zero past K); dx = max|x| / 127; q4: xs8 = 8 * sum(xq)
         for a in range(NA):
-            m = T.alloc_buffer((1,), "float32", scope="local")
-            s = T.alloc_buffer((1,), "int32", scope="local")
-            m[0] = T.float32(0)
-            s[0] = 0
-            for e in range(BLOCK):
-                if a * BLOCK + e < K:
-                    m[0] = T.max(m[0], T.fabs(x[r, a * BLOCK + e]))
+            m = T.alloc_buffer((8,), "float32", scope="local")
+            s = T.alloc_buffer((8,), "int32", scope="local")
+            if (a + 1) * BLOCK <= K:        # a whole block: four 8-lane vectors
+                m[0:8] = T.max(T.max(_abs8(x.vload([r, a * BLOCK], "float32x8")),
+                                     _abs8(x.vload([r, a * BLOCK + 8], "float32x8"))),
+                               T.max(_abs8(x.vload([r, a * BLOCK + 16], "float32x8")),
+                                     _abs8(x.vload([r, a * BLOCK + 24], "float32x8"))))
+                for v in range(1, 8):
+                    m[0] = T.max(m[0], m[v])
+                s[0:8] = T.broadcast(T.int32(0), 8)
+                for i in T.unroll(4):
+                    s[0:8] = s.vload([0], "int32x8") + T.Cast("int32x8", T.nearbyint(
+                        x.vload([r, a * BLOCK + i * 8], "float32x8") * T.broadcast(
+                            T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0)), 8)))
+                    xq[r, a * BLOCK + i * 8:a * BLOCK + i * 8 + 8] = T.Cast("int8x8", T.Cast("int32x8", T.nearbyint(
+                        x.vload([r, a * BLOCK + i * 8], "float32x8") * T.broadcast(
+                            T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0)), 8))))
+                for v in range(1, 8):
+                    s[0] = s[0] + s[v]
+            else:                           # the last, partial block: scalar, zero past K
+                m[0] = T.float32(0)
+                s[0] = 0
+                for e in range(BLOCK):
+                    if a * BLOCK + e < K:
+                        m[0] = T.max(m[0], T.fabs(x[r, a * BLOCK + e]))
+                for e in range(BLOCK):
+                    xq[r, a * BLOCK + e] = T.Cast("int8", T.if_then_else(
+                        a * BLOCK + e < K and m[0] > T.float32(0),
+                        T.nearbyint(x[r, T.min(a * BLOCK + e, K - 1)] * (T.float32(127) / m[0])), T.float32(0)))
+                    s[0] = s[0] + T.Cast("int32", xq[r, a * BLOCK + e])
             dx[r, a] = m[0] / T.float32(127)
-            for e in range(BLOCK):
-                xq[r, a * BLOCK + e] = T.Cast("int8", T.if_then_else(
-                    a * BLOCK + e < K and m[0] > T.float32(0),
-                    T.nearbyint(x[r, T.min(a * BLOCK + e, K - 1)] * (T.float32(127) / m[0])), T.float32(0)))
-                s[0] = s[0] + T.Cast("int32", xq[r, a * BLOCK + e])
             xs8[r, a] = s[0] * 8 if q4 else 0
 
     @T.prim_func(private=True)
