@@ -49,6 +49,8 @@ def test_user_target_file(tmp_path):
     ('name = "x"\n[llvm]\nmtriple = "riscv64-linux-gnu"\n', "arch"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = "+neon"\n', "mattr"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\nlanes = 3\n', "lanes"),
+    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ndot = "vnni"\n', "build.dot must be one of"),
+    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["+neon"]\n[build]\ndot = "sdot"\n', "dotprod"),
 ])
 def test_malformed_target_files(tmp_path, text, match):
     f = tmp_path / "t.toml"
