@@ -59,6 +59,16 @@ def _abs8(v):
     return T.max(v, T.broadcast(T.float32(0), 8) - v)
 
 
+def _wload(w, tile, ti, col, byte, dtype: str):
+    """A vector of the weights of channel tile `tile` (dot layout, `ti` tiles interleaved) at column `col`."""
+    return w.vload([tile // ti, col, tile % ti * 32 + byte], dtype)
+
+
+def _xbcast(xq32, row, word, copies: int):
+    """Four activation bytes (one int32 word of the quantized row) repeated over a vector of 4 * copies bytes."""
+    return T.reinterpret(T.broadcast(xq32[row, word], copies), dtype=f"int8x{4 * copies}")
+
+
 def _pmaddubsw(u8, i8):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), u8, i8, dtype="int16x16")
 
@@ -106,14 +116,12 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
                 for t in T.unroll(TB):
                     for b in T.unroll(NT):
                         a16[t, b, T.ramp(0, 1, 16)] = a16[t, b, T.ramp(0, 1, 16)] + _pmaddubsw(
-                            T.bitwise_and(w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32], "uint8x32"),
+                            T.bitwise_and(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
                                           T.broadcast(T.uint8(15), 32)),
-                            T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2], 8),
-                                          dtype="int8x32")) + _pmaddubsw(
-                            T.shift_right(w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32], "uint8x32"),
+                            _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 8)) + _pmaddubsw(
+                            T.shift_right(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
                                           T.broadcast(T.uint8(4), 32)),
-                            T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2 + 1], 8),
-                                          dtype="int8x32"))
+                            _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 8))
             for t in T.unroll(TB):
                 for b in T.unroll(NT):
                     isum[t, b, T.ramp(0, 1, 8)] = _pmaddwd(a16[t, b, T.ramp(0, 1, 16)],
@@ -126,13 +134,10 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
                 for t in T.unroll(TB):
                     for b in T.unroll(NT):
                         isum[t, b, T.ramp(0, 1, 8)] = isum[t, b, T.ramp(0, 1, 8)] + _pmaddwd(_pmaddubsw(
-                            _psign(T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 8),
-                                                 dtype="int8x32"),
-                                   T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 8),
-                                                 dtype="int8x32")),
-                            _psign(w.vload([(nt * NT + b) // TI, a * 8 + c, (nt * NT + b) % TI * 32], "int8x32"),
-                                   T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 8),
-                                                 dtype="int8x32"))), T.broadcast(T.int16(1), 16))
+                            _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
+                                   _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
+                            _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
+                                   _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8))), T.broadcast(T.int16(1), 16))
         else:
             for t in T.unroll(TB):
                 for b in T.unroll(NT):
@@ -145,21 +150,18 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
                                 isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(_sdot(
                                     isum[t, b, T.ramp(h * 4, 1, 4)],
                                     T.reinterpret(T.bitwise_and(
-                                        w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32 + h * 16],
-                                                "uint8x16"), T.broadcast(T.uint8(15), 16)), dtype="int8x16"),
-                                    T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2], 4),
-                                                  dtype="int8x16")),
+                                        _wload(w, nt * NT + b, TI, a * 4 + c, h * 16, "uint8x16"),
+                                        T.broadcast(T.uint8(15), 16)), dtype="int8x16"),
+                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 4)),
                                     T.reinterpret(T.shift_right(
-                                        w.vload([(nt * NT + b) // TI, a * 4 + c, (nt * NT + b) % TI * 32 + h * 16], "uint8x16"),
+                                        _wload(w, nt * NT + b, TI, a * 4 + c, h * 16, "uint8x16"),
                                         T.broadcast(T.uint8(4), 16)), dtype="int8x16"),
-                                    T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c * 2 + 1], 4),
-                                                  dtype="int8x16"))
+                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 4))
                             else:
                                 isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(
                                     isum[t, b, T.ramp(h * 4, 1, 4)],
-                                    w.vload([(nt * NT + b) // TI, a * 8 + c, (nt * NT + b) % TI * 32 + h * 16], "int8x16"),
-                                    T.reinterpret(T.broadcast(xq32[T.min(r0 + t, S - 1), a * 8 + c], 4),
-                                                  dtype="int8x16"))
+                                    _wload(w, nt * NT + b, TI, a * 8 + c, h * 16, "int8x16"),
+                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 4))
 
     @T.macro
     def tile(w, sc, xq32, dx, xs8, y, nt, r0, S, TB, NT):
@@ -228,8 +230,8 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
             xs8[r, a] = s[0] * 8 if q4 else 0
 
     @T.prim_func(private=True)
-    def linear_dot(x_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype), sc: T.Buffer((NB // TI, G, 8 * TI), sdt),
-                   y_h: T.handle):
+    def linear_dot(x_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype),
+                   sc: T.Buffer((NB // TI, G, 8 * TI), sdt), y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
         S = T.int64()
         x3 = T.match_buffer(x_h, (1, S, K), "float32")
@@ -278,12 +280,15 @@ def embedding(scheme: Scheme, k: int, n: int):
         out = T.match_buffer(out_h, (1, S, K), "float32")
         for s in T.parallel(S):
             for h in range(K):
+                # channel ids[0, s] = tile * 8 + c; input h sits in byte 4 * c + h % 4 of its column
                 if q4:
                     out[0, s, h] = (T.Cast("float32", T.bitwise_and(T.shift_right(
-                        w[ids[0, s] // 8 // TI, h // 8, ids[0, s] // 8 % TI * 32 + ids[0, s] % 8 * 4 + h % 4], T.Cast("uint8", h % 8 // 4 * 4)),
-                        T.uint8(15))) - T.float32(8)) * T.Cast("float32", sc[ids[0, s] // 8 // TI, h // GS, ids[0, s] // 8 % TI * 8 + ids[0, s] % 8])
+                        w[ids[0, s] // 8 // TI, h // 8, ids[0, s] // 8 % TI * 32 + ids[0, s] % 8 * 4 + h % 4],
+                        T.Cast("uint8", h % 8 // 4 * 4)), T.uint8(15))) - T.float32(8)) * T.Cast(
+                        "float32", sc[ids[0, s] // 8 // TI, h // GS, ids[0, s] // 8 % TI * 8 + ids[0, s] % 8])
                 else:
-                    out[0, s, h] = T.Cast("float32", w[ids[0, s] // 8 // TI, h // 4, ids[0, s] // 8 % TI * 32 + ids[0, s] % 8 * 4 + h % 4]) * T.Cast(
+                    out[0, s, h] = T.Cast("float32", w[
+                        ids[0, s] // 8 // TI, h // 4, ids[0, s] // 8 % TI * 32 + ids[0, s] % 8 * 4 + h % 4]) * T.Cast(
                         "float32", sc[ids[0, s] // 8 // TI, h // GS, ids[0, s] // 8 % TI * 8 + ids[0, s] % 8])
 
     return embed_dot

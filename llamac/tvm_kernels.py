@@ -325,6 +325,12 @@ def _exp8(x):
     return T.Select(x < _bc(-87.0), _bc(0.0), p * scale)
 
 
+def _sigmoid8(x):
+    """1 / (1 + exp(-x)) on 8 lanes, from e = exp(-|x|) <= 1 so that nothing overflows."""
+    e = _exp8(T.min(x, _bc(0.0) - x))
+    return T.Select(x >= _bc(0.0), _bc(1.0) / (_bc(1.0) + e), e / (_bc(1.0) + e))
+
+
 def masked_softmax(rows: int):
     """out = softmax(where(visible, scores, f32 min), axis=-1) for scores [1, rows, S, T] and visible [1, S, T] (the
     attention mask, shared by all rows): 8-lane passes for the max, exp and sum, and the scaling."""
@@ -386,13 +392,8 @@ def silu_mul(width: int):
     @T.macro
     def row(g, u, o, s):
         for f0 in range(F // 8):
-            o[0, s, f0 * 8:f0 * 8 + 8] = g.vload([0, s, f0 * 8], "float32x8") * u.vload([0, s, f0 * 8], "float32x8") * T.Select(
-                g.vload([0, s, f0 * 8], "float32x8") >= _bc(0.0),
-                _bc(1.0) / (_bc(1.0) + _exp8(T.min(g.vload([0, s, f0 * 8], "float32x8"),
-                                                   _bc(0.0) - g.vload([0, s, f0 * 8], "float32x8")))),
-                _exp8(T.min(g.vload([0, s, f0 * 8], "float32x8"), _bc(0.0) - g.vload([0, s, f0 * 8], "float32x8")))
-                / (_bc(1.0) + _exp8(T.min(g.vload([0, s, f0 * 8], "float32x8"),
-                                          _bc(0.0) - g.vload([0, s, f0 * 8], "float32x8")))))
+            o[0, s, f0 * 8:f0 * 8 + 8] = (g.vload([0, s, f0 * 8], "float32x8") * u.vload([0, s, f0 * 8], "float32x8")
+                                          * _sigmoid8(g.vload([0, s, f0 * 8], "float32x8")))
         for f in range(FV, F):
             o[0, s, f] = g[0, s, f] * u[0, s, f] * T.sigmoid(g[0, s, f])
 

@@ -381,8 +381,9 @@ class _StepRewriter(relax.PyExprMutator):
         shape = list(call.ty.shape.values)
         cshape = list(cond.ty.shape.values) if cond.ty.shape is not None else []
         fill_value = fill.value.numpy() if isinstance(fill, tvm.ir.expr.Constant) else None
-        if (fill_value is None or fill_value.size != 1 or float(fill_value.reshape(())) > FILL_LOW or int(call.attrs.axis) not in (-1, len(shape) - 1)
-                or len(shape) < 3 or not _equal(shape[0], 1) or cond.ty.dtype != "bool" or len(cshape) < 2
+        if (fill_value is None or fill_value.size != 1 or float(fill_value.reshape(())) > FILL_LOW
+                or int(call.attrs.axis) not in (-1, len(shape) - 1) or len(shape) < 3 or not _equal(shape[0], 1)
+                or cond.ty.dtype != "bool" or len(cshape) < 2
                 or not all(_equal(d, 1) for d in cshape[:-2])
                 or any(not _same_dim(a, b) for a, b in zip(cshape[-2:], shape[-2:]))):
             return None
