@@ -10,6 +10,9 @@ Kernel layout ("lanes" L output channels side by side, so one SIMD load feeds L 
   q8:     q      [N/L, K, L]            int8 in [-127, 127]
   q4:     q      [N/L, ceil(K/8), L]    uint32, eight 4-bit codes (value + 8) per word, input k at bits 4*(k%8)
   int:    scale  [N/L, G, L]            f16 or f32, G = ceil(K / group_size) (1 for per-channel)
+
+Layout "dot" (q4/q8 for targets with byte dot products, see `llamac.tvm_dot`): tiles of 8 channels x 4 inputs per
+32-byte word, 4 tiles interleaved; `pack(t, 8, "dot")`.
 """
 from __future__ import annotations
 

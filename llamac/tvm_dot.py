@@ -10,12 +10,12 @@ Q4_0/Q8_0 use. The result is exactly
 
 with xq = rint(x * 127 / max|x over the block|), dx = max|x| / 127 (tests/test_quantize.py checks this in numpy).
 
-Weight layout ("dot"): 8 output channels by 4 consecutive inputs per 32-byte tile, so one broadcast of 4 activation
-bytes feeds 8 outputs.
-  q8: q [N/8, KP/4, 32] int8,   byte 4*c + j of tile t = input 4*t + j of channel c
-  q4: q [N/8, KP/8, 32] uint8,  low nibble of byte 4*c + j of tile t = input 8*t + j, high nibble = input 8*t + 4 + j
-      (codes are value + 8)
-  scales [N/8, G, 8] as in the lanes layout with 8 lanes. KP = K rounded up to the weight group (or to 32).
+Weight layout ("dot", packed by `llamac.quantize`): channel tile b holds 8 output channels; in each weight column a
+32-byte word holds 4 consecutive inputs per channel, so one broadcast of 4 activation bytes feeds 8 outputs.
+  q8: byte 4*c + j of column t = input 4*t + j of channel c (int8)
+  q4: low nibble of byte 4*c + j of column t = input 8*t + j, high nibble = input 8*t + 4 + j (uint8, codes value + 8)
+TI tiles (dot_interleave: 4 when N allows) are stored side by side, so that a decode task reads one stream:
+  q [N/8/TI, KP/4 (q8) or KP/8 (q4), 32*TI], scales [N/8/TI, G, 8*TI]; KP = K rounded up to the weight group (or 32).
 """
 from __future__ import annotations
 
