@@ -170,20 +170,29 @@ def load_target(name_or_path: str | Path) -> Target:
     raise InputError(f"unknown target {text!r} (built-in: {names}; or pass a .toml file)")
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpu_flags(key: str) -> set[str]:
+    """The CPU feature words of /proc/cpuinfo's first `key` line ("flags" on x86, "Features" on ARM)."""
+    try:
+        return next((set(line.split(":", 1)[1].split()) for line in CPUINFO.read_text().splitlines()
+                     if line.split(":", 1)[0].strip() == key), set())
+    except OSError:
+        return set()
+
+
 def host_target() -> str:
     """The best built-in target for the machine we run on (reads the CPU flags on Linux)."""
     import platform
 
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
-        return "arm64"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    if {"avx512f", "avx512bw", "avx512vl"} <= set(flags):
+        # dotprod + fp16 (ARMv8.2-A, e.g. Cortex-A76/A78, Neoverse N1): rpi5's code (sdot kernels) runs there
+        return "rpi5" if {"asimddp", "asimdhp"} <= _cpu_flags("Features") else "arm64"
+    flags = _cpu_flags("flags")
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
         return "x86_64-avx512"
-    if {"avx2", "fma", "f16c"} <= set(flags):
+    if {"avx2", "fma", "f16c"} <= flags:
         return "x86_64-avx2"
     return "x86_64"

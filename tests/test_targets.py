@@ -96,3 +96,23 @@ def test_planned_target_is_refused(tmp_path):
     f.write_text('name = "future"\nstatus = "planned"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ncc = "g++"\n')
     with pytest.raises(InputError, match="not built yet"):
         load_target(f).check_buildable()
+
+
+@pytest.mark.parametrize("machine,cpuinfo,expected", [
+    ("x86_64", "flags\t\t: fpu sse4_2 avx avx2 fma f16c\n", "x86_64-avx2"),
+    ("x86_64", "flags\t\t: fpu sse4_2 avx2 fma f16c avx512f avx512bw avx512vl\n", "x86_64-avx512"),
+    ("x86_64", "flags\t\t: fpu sse4_2\n", "x86_64"),
+    ("aarch64", "Features\t: fp asimd evtstrm crc32 fphp asimdhp asimddp\n", "rpi5"),     # Cortex-A76 (Pi 5)
+    ("aarch64", "Features\t: fp asimd evtstrm crc32 cpuid\n", "arm64"),                    # Cortex-A72 (Pi 4)
+])
+def test_host_target_from_cpu_flags(monkeypatch, tmp_path, machine, cpuinfo, expected):
+    import platform
+
+    import llamac.targets as targets
+
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\n" + cpuinfo)
+    monkeypatch.setattr(targets, "CPUINFO", f)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert targets.host_target() == expected
+    assert load_target(expected).name == expected
