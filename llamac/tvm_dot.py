@@ -21,29 +21,17 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from llamac.quantize import Scheme, dot_interleave
+from llamac.quantize import Scheme, dot_interleave, dot_padded_k
+from llamac.targets import DOT_ISAS
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
 BLOCK = 32      # inputs per activation scale
 LANES = 8       # output channels per tile
-ISAS = ("avx2", "sdot")
 
 
 def supports(scheme: Scheme, k: int, n: int) -> bool:
     """Whether the dot layout applies: int weights, 8 | N, weight groups a multiple of the activation block."""
     return scheme.kind == "int" and n % LANES == 0 and (scheme.group_size is None or scheme.group_size % BLOCK == 0)
-
-
-def padded_k(scheme: Scheme, k: int) -> int:
-    step = scheme.group_size or BLOCK
-    return -(-k // step) * step
-
-
-def _tiles(nb: int, want: int) -> int:
-    for t in (want, 4, 2, 1):
-        if t <= want and nb % t == 0:
-            return t
-    return 1
 
 
 def _decode_tiles(nb: int, ti: int, most: int) -> int:
@@ -88,9 +76,9 @@ def _sdot(acc, a, b):
 
 def linear(scheme: Scheme, k: int, n: int, isa: str):
     """y[1, S, N] = x[1, S, K] @ W for W in the dot layout; `isa` is "avx2" or "sdot"."""
-    assert isa in ISAS and supports(scheme, k, n)
+    assert isa in DOT_ISAS and supports(scheme, k, n)
     K, N = k, n
-    KP = padded_k(scheme, K)
+    KP = dot_padded_k(scheme, K)
     NA = KP // BLOCK                     # activation blocks
     GS = scheme.group_size or KP
     G = KP // GS
@@ -101,7 +89,7 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
     wdtype = "uint8" if q4 else "int8"
     sdt = scheme.scale_dtype
     TI = dot_interleave(N)               # tiles stored side by side: w[tile // TI, col, tile % TI * 32 + byte]
-    NTD, NTP, TBP = _decode_tiles(NB, TI, 16 if isa == "avx2" else 8), _tiles(TI, 2), 4  # prefill: 4 rows x 2 tiles
+    NTD, NTP, TBP = _decode_tiles(NB, TI, 16 if isa == "avx2" else 8), min(TI, 2), 4  # prefill: 4 rows x 2 tiles
     avx2 = isa == "avx2"
 
     @T.macro
@@ -261,7 +249,7 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
 def embedding(scheme: Scheme, k: int, n: int):
     """out[0, s, :] = dequantized row ids[0, s] of the dot-layout weight (tied embeddings share the lm_head's)."""
     K, N = k, n
-    KP = padded_k(scheme, K)
+    KP = dot_padded_k(scheme, K)
     GS = scheme.group_size or KP
     G = KP // GS
     NB = N // LANES
