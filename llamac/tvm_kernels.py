@@ -10,7 +10,9 @@ differs, so the artifact computes what `llamac inspect --dequantize` writes.
   (prefill) run in tiles of ROWS rows that reuse each dequantized weight vector.
 - `embedding`: rows of the same packed weights, gathered by token id (tied embeddings share the lm_head weights).
 - `kv_write`: writes the new K or V rows into the fixed-capacity cache, in place (Relax call_tir_inplace).
-- `attn_scores` / `attn_values`: q.K^T and P.V reading only the valid prefix [0, total) of the cache.
+- `attn_scores` / `attn_values`: q.K^T and P.V reading only the valid prefix [0, total) of the cache, and per
+  query row only the keys up to its last visible one (`visible_extent`): a causal prefill does half the work.
+- `masked_softmax`: softmax(where(visible, scores, f32 min)) over the same keys.
 """
 from __future__ import annotations
 
@@ -225,7 +227,9 @@ def kv_write(kv_heads: int, capacity: int, head_dim: int):
 
 
 def attn_scores(kv_heads: int, capacity: int, head_dim: int):
-    """out[0, h, r, j] = q[0, h, r, :] . k[0, h, j, :] for j < total (R query rows per kv head: GQA groups x seq).
+    """out[0, h, r, j] = q[0, h, r, :] . k[0, h, j, :] for j < ext[r % S] (R query rows per kv head: GQA groups x
+    seq S; ext from `visible_extent`). Scores of keys past a row's extent are masked later, so they are not computed
+    (left unwritten): that is the causal half of a prefill.
 
     The valid keys are first transposed into a [D, keys] workspace per head, so that a tile of RB query rows times
     JB keys is RB x JB/8 vector accumulators updated by broadcast FMAs (no horizontal sums per score)."""
@@ -233,11 +237,13 @@ def attn_scores(kv_heads: int, capacity: int, head_dim: int):
     JB, RB = 16, 4
 
     @T.prim_func(private=True)
-    def attn_scores(q_h: T.handle, k: T.Buffer((1, H, C, D), "float32"), out_h: T.handle):
+    def attn_scores(q_h: T.handle, k: T.Buffer((1, H, C, D), "float32"), ext_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "llamac.kernel": "attn_scores", "op_pattern": OPAQUE})
         R = T.int64()
+        S = T.int64()
         total = T.int64()
         q = T.match_buffer(q_h, (1, H, R, D), "float32")
+        ext = T.match_buffer(ext_h, (S,), "int64")
         out = T.match_buffer(out_h, (1, H, R, total), "float32")
         kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
         for hj in T.parallel(H * ((total + JB - 1) // JB)):
@@ -251,7 +257,11 @@ def attn_scores(kv_heads: int, capacity: int, head_dim: int):
             acc = T.alloc_buffer((RB, JB), "float32", scope="local")
             h = hr // ((R + RB - 1) // RB)
             r0 = hr % ((R + RB - 1) // RB) * RB
-            for jb in range((total + JB - 1) // JB):
+            hi = T.alloc_buffer((1,), "int64", scope="local")
+            hi[0] = T.int64(0)
+            for t in T.unroll(RB):
+                hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
+            for jb in range((hi[0] + JB - 1) // JB):
                 for t in T.unroll(RB):
                     for jj in T.vectorized(JB):
                         acc[t, jj] = T.float32(0)
@@ -273,29 +283,35 @@ def attn_scores(kv_heads: int, capacity: int, head_dim: int):
 
 
 def attn_values(kv_heads: int, capacity: int, head_dim: int):
-    """out[0, h, r, :] = sum_j p[0, h, r, j] * v[0, h, j, :] for j < total; tasks of RB rows x DC columns (RB x DC/8
-    vector accumulators, each loaded V row feeding RB rows)."""
+    """out[0, h, r, :] = sum_j p[0, h, r, j] * v[0, h, j, :] for j < ext[r % S] (p is 0 past a row's extent: those
+    keys are masked); tasks of RB rows x DC columns (RB x DC/8 vector accumulators, each loaded V row feeding RB
+    rows)."""
     H, C, D = kv_heads, capacity, head_dim
     RB = 2
     DC = 32 if D % 32 == 0 else D
     ND = D // DC
 
     @T.prim_func(private=True)
-    def attn_values(p_h: T.handle, v: T.Buffer((1, H, C, D), "float32"), out_h: T.handle):
+    def attn_values(p_h: T.handle, v: T.Buffer((1, H, C, D), "float32"), ext_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "llamac.kernel": "attn_values", "op_pattern": OPAQUE})
         R = T.int64()
+        S = T.int64()
         total = T.int64()
         p = T.match_buffer(p_h, (1, H, R, total), "float32")
+        ext = T.match_buffer(ext_h, (S,), "int64")
         out = T.match_buffer(out_h, (1, H, R, D), "float32")
         for task in T.parallel(H * ((R + RB - 1) // RB) * ND):
             acc = T.alloc_buffer((RB, DC), "float32", scope="local")
             h = task // (((R + RB - 1) // RB) * ND)
             r0 = task // ND % ((R + RB - 1) // RB) * RB
             c0 = task % ND * DC
+            hi = T.alloc_buffer((1,), "int64", scope="local")
+            hi[0] = T.int64(0)
             for t in T.unroll(RB):
+                hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
                 for c in T.vectorized(DC):
                     acc[t, c] = T.float32(0)
-            for j in range(total):
+            for j in range(hi[0]):
                 for t in T.unroll(RB):
                     for c in T.vectorized(DC):
                         acc[t, c] = acc[t, c] + p[0, h, T.min(r0 + t, R - 1), j] * v[0, h, j, c0 + c]
@@ -331,31 +347,74 @@ def _sigmoid8(x):
     return T.Select(x >= _bc(0.0), _bc(1.0) / (_bc(1.0) + e), e / (_bc(1.0) + e))
 
 
+def visible_extent():
+    """ext[s] = 1 + the last key that query row s may see, for visible [1, S, total] (total when it sees none: such
+    a row's softmax is uniform over all keys). Keys past a row's extent are masked, so the attention kernels skip
+    them: for a causal mask, half of a prefill's attention."""
+
+    # s_tir with a root block: Relax asks every one-input kernel whether it is a reshape, by reading its blocks
+    @T.prim_func(private=True, s_tir=True)
+    def visible_extent(vis_h: T.handle, ext_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "visible_extent", "op_pattern": OPAQUE})
+        S = T.int64()
+        total = T.int64()
+        vis = T.match_buffer(vis_h, (1, S, total), "bool")
+        ext = T.match_buffer(ext_h, (S,), "int64")
+        with T.sblock("root"):
+            n = T.sblock_alloc_buffer((1,), "int64", scope="local")
+            for s in range(S):      # causal: S - s steps back per row, too little for a thread-pool launch
+                n[0] = total
+                while n[0] > 0 and not vis[0, s, T.max(n[0] - 1, 0)]:
+                    n[0] = n[0] - 1
+                ext[s] = T.if_then_else(n[0] == 0, total, n[0])
+
+    return visible_extent
+
+
+def all_keys():
+    """ext[s] = total for ids [1, S]: the extents when the compiler cannot see the graph's mask (nothing skipped)."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def all_keys(ids_h: T.handle, total: T.int64, ext_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "llamac.kernel": "all_keys", "op_pattern": OPAQUE})
+        S = T.int64()
+        ids = T.match_buffer(ids_h, (1, S), "int64")
+        ext = T.match_buffer(ext_h, (S,), "int64")
+        with T.sblock("root"):
+            for s in range(S):
+                ext[s] = total
+
+    return all_keys
+
+
 def masked_softmax(rows: int):
-    """out = softmax(where(visible, scores, f32 min), axis=-1) for scores [1, rows, S, T] and visible [1, S, T] (the
-    attention mask, shared by all rows): 8-lane passes for the max, exp and sum, and the scaling."""
+    """out = softmax(where(visible, scores, f32 min), axis=-1) for scores [1, rows, S, T], visible [1, S, T] (the
+    attention mask, shared by all rows) and ext [S] from `visible_extent`: 8-lane passes for the max, exp and sum,
+    and the scaling, over the keys before the row's extent only (past it, out is 0 and scores are not read)."""
     R = rows
     LOW = -3.4028234663852886e38     # the graph's fill value (numpy's float32 min): a fully masked row is uniform
 
     @T.prim_func(private=True)
-    def masked_softmax(s_h: T.handle, vis_h: T.handle, out_h: T.handle):
+    def masked_softmax(s_h: T.handle, vis_h: T.handle, ext_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "llamac.kernel": "masked_softmax", "op_pattern": OPAQUE})
         S = T.int64()
         total = T.int64()
         sc = T.match_buffer(s_h, (1, R, S, total), "float32")
         vis = T.match_buffer(vis_h, (1, S, total), "bool")
+        ext = T.match_buffer(ext_h, (S,), "int64")
         out = T.match_buffer(out_h, (1, R, S, total), "float32")
         for rs in T.parallel(R * S):
             acc = T.alloc_buffer((8,), "float32", scope="local")
-            tail = T.alloc_buffer((8,), "float32", scope="local")   # the last total % 8 scores, padded with LOW
+            tail = T.alloc_buffer((8,), "float32", scope="local")   # the last e % 8 scores, padded with LOW
             r = rs // S
             s = rs % S
+            e = ext[s]
             for v in range(8):
                 tail[v] = T.float32(LOW)
-            for j in range(total // 8 * 8, total):
+            for j in range(e // 8 * 8, e):
                 tail[j % 8] = T.Select(vis[0, s, j], sc[0, r, s, j], T.float32(LOW))
             acc[0:8] = tail.vload([0], "float32x8")
-            for j0 in range(total // 8):
+            for j0 in range(e // 8):
                 acc[0:8] = T.max(acc.vload([0], "float32x8"), T.Select(
                     vis.vload([0, s, j0 * 8], "boolx8"), sc.vload([0, r, s, j0 * 8], "float32x8"), _bc(LOW)))
             for v in range(1, 8):
@@ -363,22 +422,28 @@ def masked_softmax(rows: int):
             m = T.alloc_buffer((1,), "float32", scope="local")
             m[0] = acc[0]
             acc[0:8] = _bc(0.0)
-            for j0 in range(total // 8):
+            for j0 in range(e // 8):
                 out[0, r, s, j0 * 8:j0 * 8 + 8] = _exp8(T.Select(
                     vis.vload([0, s, j0 * 8], "boolx8"), sc.vload([0, r, s, j0 * 8], "float32x8"), _bc(LOW))
                     - T.broadcast(m[0], 8))
                 acc[0:8] = acc.vload([0], "float32x8") + out.vload([0, r, s, j0 * 8], "float32x8")
             tail[0:8] = _exp8(tail.vload([0], "float32x8") - T.broadcast(m[0], 8))
-            for j in range(total // 8 * 8, total):
+            for j in range(e // 8 * 8, e):
                 out[0, r, s, j] = tail[j % 8]
                 acc[0] = acc[0] + tail[j % 8]
             for v in range(1, 8):
                 acc[0] = acc[0] + acc[v]
-            for j0 in range(total // 8):
+            for j0 in range(e // 8):
                 out[0, r, s, j0 * 8:j0 * 8 + 8] = out.vload([0, r, s, j0 * 8], "float32x8") * T.broadcast(
                     T.float32(1) / acc[0], 8)
-            for j in range(total // 8 * 8, total):
+            for j in range(e // 8 * 8, e):
                 out[0, r, s, j] = out[0, r, s, j] * (T.float32(1) / acc[0])
+            for j in range(e, T.min((e + 7) // 8 * 8, total)):
+                out[0, r, s, j] = T.float32(0)
+            for j0 in range((e + 7) // 8, total // 8):
+                out[0, r, s, j0 * 8:j0 * 8 + 8] = _bc(0.0)
+            for j in range(T.max(total // 8 * 8, (e + 7) // 8 * 8), total):
+                out[0, r, s, j] = T.float32(0)
 
     return masked_softmax
 

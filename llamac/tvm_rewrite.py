@@ -212,6 +212,9 @@ class _StepRewriter(relax.PyExprMutator):
             self.logits_call = self._producer(self.out_tuple.fields[0], ("reshape", "astype"))
         else:
             self.logits_call = self._producer(out, ("reshape", "astype"))
+        self.ids = dict(zip(imported.param_names, func.params))["input_ids"]
+        self.extents: list = []        # (mask expr, its visible_extent var): one per mask, shared by all layers
+        self.score_masks = self._score_masks(func)
 
     # ---- driving
     def rewrite_body(self, func: relax.Function) -> relax.Expr:
@@ -259,6 +262,61 @@ class _StepRewriter(relax.PyExprMutator):
                 return None
             expr = value.args[0]
         return None
+
+    def _mask_of(self, where) -> relax.Expr | None:
+        """cond of where(cond [1, .., 1, S, T], scores [1, .., S, T], fill <= FILL_LOW): a mask the attention
+        kernels can read (None for any other where)."""
+        if where is None or not _call_op(where, "where"):
+            return None
+        cond, _, fill = where.args
+        shape = list(where.ty.shape.values) if where.ty.shape is not None else []
+        cshape = list(cond.ty.shape.values) if cond.ty.shape is not None else []
+        fill_value = fill.value.numpy() if isinstance(fill, tvm.ir.expr.Constant) else None
+        if (fill_value is None or fill_value.size != 1 or float(fill_value.reshape(())) > FILL_LOW
+                or len(shape) < 3 or not _equal(shape[0], 1) or cond.ty.dtype != "bool" or len(cshape) < 2
+                or not all(_equal(d, 1) for d in cshape[:-2])
+                or any(not _same_dim(a, b) for a, b in zip(cshape[-2:], shape[-2:]))):
+            return None
+        return cond
+
+    def _score_masks(self, func) -> list:
+        """(scores matmul, mask) for each scores matmul used once, by a masking where: its masked scores need not
+        be computed."""
+        uses: dict = {}
+        for binding in _bindings(func):
+            for arg in _var_args(binding.value):
+                uses[arg] = uses.get(arg, 0) + 1
+        out = []
+        for binding in _bindings(func):
+            cond = self._mask_of(binding.value)
+            scores = binding.value.args[1] if cond is not None else None
+            while cond is not None and uses.get(scores, 0) == 1 and scores in self.var2val:
+                value = self.var2val[scores]
+                if _call_op(value, "matmul"):
+                    out.append((value, cond))
+                    break
+                if not _call_op(value, "astype"):
+                    break
+                scores = value.args[0]
+        return out
+
+    def _extent(self, cond):
+        """ext [seq] int64 (`tvm_kernels.visible_extent`) of a mask, or every key (None: the mask is unknown)."""
+        for known, ext in self.extents:
+            if known is cond or (cond is not None and known is not None and known.same_as(cond)):
+                return ext
+        if cond is None:
+            gv = self._kernel(("all_keys",), tvm_kernels.all_keys)
+            seq = list(self.ids.ty.shape.values)[1]
+            ext = self._emit(relax.call_tir(gv, [self.ids, relax.prim_value(self.total)],
+                                            relax.TensorType([seq], "int64")))
+        else:
+            seq, total = list(cond.ty.shape.values)[-2:]
+            gv = self._kernel(("visible_extent",), tvm_kernels.visible_extent)
+            c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total]))
+            ext = self._emit(relax.call_tir(gv, [c3], relax.TensorType([seq], "int64")))
+        self.extents.append((cond, ext))
+        return ext
 
     def _kernel(self, key, make):
         if key not in self.kernels:
@@ -332,16 +390,23 @@ class _StepRewriter(relax.PyExprMutator):
         out_shape = list(call.ty.shape.values)
         if len(xshape) < 3 or not _equal(xshape[0], 1) or not _equal(xshape[1], kvh):
             raise InputError(f"attention operand of shape {xshape} is not [1, kv_heads={kvh}, ...]")
-        rows = _prod(xshape[2:-1])
+        rows = _prod(xshape[2:-1])      # (groups, seq) flattened: query row r is position r % seq
         if permuted:        # scores = q . K^T: q [1, kv, rows, d]
+            cond = next((c for mm, c in self.score_masks if mm.same_as(call)), None)
+            ext = self._extent(cond)
             gv = self._kernel(("attn_scores",), lambda: tvm_kernels.attn_scores(kvh, self.capacity, d))
             q = self._emit(relax.op.reshape(x, [1, kvh, rows, d]))
-            out = self._emit(relax.call_tir(gv, [q, cache], relax.TensorType([1, kvh, rows, total], "float32")))
+            out = self._emit(relax.call_tir(gv, [q, cache, ext],
+                                            relax.TensorType([1, kvh, rows, total], "float32")))
             out_shape[-1] = total
         else:               # out = P . V: p [1, kv, rows, total]
+            softmax = self._producer(call.args[0], ("reshape", "astype"))
+            last_axis = softmax is not None and _call_op(softmax, "nn.softmax") and int(softmax.attrs.axis) in (
+                -1, len(softmax.ty.shape.values) - 1)
+            ext = self._extent(self._mask_of(self._producer(softmax.args[0], ())) if last_axis else None)
             gv = self._kernel(("attn_values",), lambda: tvm_kernels.attn_values(kvh, self.capacity, d))
             p = self._emit(relax.op.reshape(x, [1, kvh, rows, total]))
-            out = self._emit(relax.call_tir(gv, [p, cache], relax.TensorType([1, kvh, rows, d], "float32")))
+            out = self._emit(relax.call_tir(gv, [p, cache, ext], relax.TensorType([1, kvh, rows, d], "float32")))
         self.rewritten_attn += 1
         return self._like(relax.op.reshape(out, out_shape), call)
 
@@ -375,28 +440,21 @@ class _StepRewriter(relax.PyExprMutator):
         """softmax(where(visible, scores, very low), axis=-1) -> one kernel (the graph's version materializes the
         masked scores and calls libm's exp per element: half of a 512-token prefill went there)."""
         w = self._producer(call.args[0], ())
-        if w is None or not _call_op(w, "where"):
-            return None
-        cond, scores, fill = w.args
+        cond = self._mask_of(w)
         shape = list(call.ty.shape.values)
-        cshape = list(cond.ty.shape.values) if cond.ty.shape is not None else []
-        fill_value = fill.value.numpy() if isinstance(fill, tvm.ir.expr.Constant) else None
-        if (fill_value is None or fill_value.size != 1 or float(fill_value.reshape(())) > FILL_LOW
-                or int(call.attrs.axis) not in (-1, len(shape) - 1) or len(shape) < 3 or not _equal(shape[0], 1)
-                or cond.ty.dtype != "bool" or len(cshape) < 2
-                or not all(_equal(d, 1) for d in cshape[:-2])
-                or any(not _same_dim(a, b) for a, b in zip(cshape[-2:], shape[-2:]))):
+        if cond is None or int(call.attrs.axis) not in (-1, len(shape) - 1):
             return None
         rows = _prod(shape[1:-2])
         if not isinstance(rows, (int, tvm.tirx.IntImm)):
             return None
         rows = int(rows)
-        x = self._f32(self.visit_expr(scores))
+        x = self._f32(self.visit_expr(w.args[1]))
         seq, total = shape[-2], shape[-1]
+        ext = self._extent(cond)
         gv = self._kernel(("masked_softmax", rows), lambda: tvm_kernels.masked_softmax(rows))
         x4 = self._emit(relax.op.reshape(x, [1, rows, seq, total]))
         c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total]))
-        out = self._emit(relax.call_tir(gv, [x4, c3], relax.TensorType([1, rows, seq, total], "float32")))
+        out = self._emit(relax.call_tir(gv, [x4, c3, ext], relax.TensorType([1, rows, seq, total], "float32")))
         return self._like(relax.op.reshape(out, shape), call)
 
     def _silu_mul(self, call):

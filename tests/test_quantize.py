@@ -124,22 +124,55 @@ def test_embedding_kernel_is_numpy_dequantization(build, name):
     assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])
 
 
-def test_attention_kernels_read_only_the_valid_prefix(build):
+def _extents(visible: np.ndarray) -> np.ndarray:
+    """1 + the last visible key per query row, or all keys for a row that sees none (numpy reference)."""
+    last = np.where(visible.any(-1), visible.shape[-1] - np.argmax(visible[..., ::-1], -1), visible.shape[-1])
+    return last.reshape(-1).astype(np.int64)
+
+
+@pytest.mark.parametrize("ext", [[5, 11, 8], [11, 11, 11], [1, 3, 2]])
+def test_attention_kernels_read_only_the_valid_prefix(build, ext):
+    """Scores for the keys before each query row's extent (later ones are masked, never read), P.V over them; rows
+    are (groups, seq) flattened, so row r has the extent of position r % seq. Cache rows past total are NaN."""
     from llamac import tvm_kernels
 
     heads, cap, d, rows, total = 2, 40, 16, 6, 11
+    ext = np.array(ext, np.int64)
     q = RNG.standard_normal((1, heads, rows, d)).astype(np.float32)
     cache = RNG.standard_normal((1, heads, cap, d)).astype(np.float32)
-    cache[:, :, total:] = np.nan                          # rows past the valid prefix must never be read
+    cache[:, :, total:] = np.nan
+    row_ext = ext[np.arange(rows) % len(ext)]
     f, tvm = build(tvm_kernels.attn_scores(heads, cap, d))
-    out = tvm.runtime.tensor(np.zeros((1, heads, rows, total), np.float32))
-    f(tvm.runtime.tensor(q), tvm.runtime.tensor(cache), out)
-    assert np.allclose(out.numpy(), q @ cache[:, :, :total].transpose(0, 1, 3, 2), atol=1e-5)
+    out = tvm.runtime.tensor(np.full((1, heads, rows, total), np.nan, np.float32))
+    f(tvm.runtime.tensor(q), tvm.runtime.tensor(cache), tvm.runtime.tensor(ext), out)
+    ref = q @ cache[:, :, :total].transpose(0, 1, 3, 2)
+    for r in range(rows):
+        assert np.allclose(out.numpy()[:, :, r, :row_ext[r]], ref[:, :, r, :row_ext[r]], atol=1e-5)
     p = RNG.random((1, heads, rows, total)).astype(np.float32)
+    p[:, :, np.arange(total)[None, :] >= row_ext[:, None]] = 0      # what the masked softmax leaves there
     f, tvm = build(tvm_kernels.attn_values(heads, cap, d))
     out = tvm.runtime.tensor(np.zeros((1, heads, rows, d), np.float32))
-    f(tvm.runtime.tensor(p), tvm.runtime.tensor(cache), out)
+    f(tvm.runtime.tensor(p), tvm.runtime.tensor(cache), tvm.runtime.tensor(ext), out)
     assert np.allclose(out.numpy(), p @ cache[:, :, :total], atol=1e-5)
+
+
+def test_visible_extent_kernel(build):
+    from llamac import tvm_kernels
+
+    seq, total = 7, 20
+    visible = np.tril(np.ones((seq, total), bool), total - seq)
+    visible[2] = False                                   # sees nothing: all keys (its softmax is uniform)
+    visible[3, 10:] = False                              # a gap, then the causal edge
+    visible[4, :] = False
+    visible[4, 0] = True
+    visible[5, 3:9] = False
+    f, tvm = build(tvm_kernels.visible_extent())
+    out = tvm.runtime.tensor(np.zeros(seq, np.int64))
+    f(tvm.runtime.tensor(visible[None]), out)
+    assert list(out.numpy()) == [14, 15, 20, 10, 1, 19, 20] == list(_extents(visible))
+    f, tvm = build(tvm_kernels.all_keys())
+    f(tvm.runtime.tensor(np.zeros((1, seq), np.int64)), total, out)
+    assert list(out.numpy()) == [total] * seq
 
 
 def test_kv_write_is_in_place_and_local(build):
@@ -234,9 +267,11 @@ def test_masked_softmax_kernel_is_softmax_of_where(build, seq, total):
     visible = np.tril(np.ones((seq, total), bool), total - seq)[None]
     visible[0, :, 0] = False
     visible[0, -1, :] = seq < 3                          # the last query sees nothing (unless that hides all rows)
+    ext = _extents(visible[0])
+    scores[..., np.arange(total)[None, :] >= ext[:, None]] = np.nan    # past the extents: never read
     f, tvm = build(tvm_kernels.masked_softmax(rows))
-    out = tvm.runtime.tensor(np.zeros_like(scores))
-    f(tvm.runtime.tensor(scores), tvm.runtime.tensor(visible), out)
+    out = tvm.runtime.tensor(np.full_like(scores, np.nan))
+    f(tvm.runtime.tensor(scores), tvm.runtime.tensor(visible), tvm.runtime.tensor(ext), out)
     w = np.where(visible[:, None], scores, np.finfo(np.float32).min).astype(np.float64)
     e = np.exp(w - w.max(-1, keepdims=True))
     assert np.abs(out.numpy() - e / e.sum(-1, keepdims=True)).max() < 1e-6
