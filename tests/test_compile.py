@@ -54,6 +54,35 @@ def test_quantized_matches_transformers_on_dequantized_weights(name, quant, targ
         assert err < (TOL if target == "x86_64" else DOT_TOL), f"step {n}"
 
 
+@pytest.mark.parametrize("mask_found", [True, False])
+def test_attention_reads_key_extents_from_the_mask(mask_found, root, tmp_path, monkeypatch):
+    """With the exporter's mask, each query row's key extent comes from it (visible_extent), so a causal prefill
+    skips the masked half of attention. A mask the compiler does not recognise (here: a fill value it does not
+    take for masking) only loses the skipping (all_keys, the graph's own softmax): the results match either way."""
+    import tvm
+
+    from llamac import tvm_rewrite
+
+    kernels: list[str] = []
+    real = tvm_rewrite.rewrite
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        kernels.extend(gv.name_hint for gv, f in plan.mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        return plan
+
+    monkeypatch.setattr(tvm_rewrite, "rewrite", spy)
+    if not mask_found:
+        monkeypatch.setattr(tvm_rewrite, "FILL_LOW", -3.5e38)
+    _, export_dir = exported(root, "llama3_gqa_tied")
+    art = compile_tiny(export_dir, tmp_path / "art")
+    names = {n.rsplit("_", 1)[0] for n in kernels}
+    assert ("visible_extent" in names, "masked_softmax" in names, "all_keys" in names) == (
+        mask_found, mask_found, not mask_found)
+    for n, (g, r) in enumerate(zip(artifact_steps(art), ort_steps(export_dir))):
+        assert rel_err(g, r) < TOL, f"step {n}"
+
+
 def test_q4_weights_size_and_inspect(root):
     art = compiled(root, "llama3_gqa_tied", "q4")
     m = json.loads((art / "manifest.json").read_text())
