@@ -23,7 +23,6 @@ from llamac.quantize import Scheme
 OPAQUE = 8      # relax OpPatternKind kOpaque: FuseOps leaves these kernels alone
 ROWS = 4        # prefill tile: rows sharing one dequantized weight vector (q8/q4)
 FLOAT_ROWS = 6  # f32/f16 prefill tile: 6 rows x 2 vectors = 12 accumulators, the most that fit 16 AVX registers
-SPLIT = 2       # decode: independent accumulator chains per output vector (hides FMA latency)
 
 
 def linear(scheme: Scheme, k: int, n: int, lanes: int):
@@ -38,41 +37,65 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
     """f32 / f16 / int8 weights [N/L, K, L]; int8 has scales [N/L, G, L] applied once per group."""
     NB = N // L
     G = -(-K // GS)
-    A = SPLIT if K % SPLIT == 0 and GS % SPLIT == 0 else 1  # then every group length divides too
     scaled = sdtype is not None
+    DG = next(d for d in ((4, 2, 1) if not scaled else (2, 1)) if NB % d == 0)   # panels per decode task
     sdt = sdtype or "float32"
     TB = ROWS if scaled else FLOAT_ROWS
     sshape = (NB, G, L) if scaled else (1, 1, 1)     # float weights: an unused placeholder scale
 
     @T.macro
-    def tile(x, w, sc, y, nb, r0, S, TB, A):
+    def tile(x, w, sc, y, nb, r0, S, TB):
         acc = T.alloc_buffer((TB, L), "float32", scope="local")
-        gacc = T.alloc_buffer((TB, A, L), "float32", scope="local")
+        gacc = T.alloc_buffer((TB, L), "float32", scope="local")
         for t in T.unroll(TB):
             for l in T.vectorized(L):
                 acc[t, l] = T.float32(0)
         for g in range(G):
             for t in T.unroll(TB):
-                for a in T.unroll(A):
+                for l in T.vectorized(L):
+                    gacc[t, l] = T.float32(0)
+            for kk in range(T.min(GS, K - g * GS)):
+                for t in T.unroll(TB):
                     for l in T.vectorized(L):
-                        gacc[t, a, l] = T.float32(0)
-            for kk in range(T.min(GS, K - g * GS) // A):
-                for a in T.unroll(A):
-                    for t in T.unroll(TB):
-                        for l in T.vectorized(L):
-                            gacc[t, a, l] = gacc[t, a, l] + x[T.min(r0 + t, S - 1), g * GS + kk * A + a] * T.Cast(
-                                "float32", w[nb, g * GS + kk * A + a, l])
+                        gacc[t, l] = gacc[t, l] + x[T.min(r0 + t, S - 1), g * GS + kk] * T.Cast(
+                            "float32", w[nb, g * GS + kk, l])
             for t in T.unroll(TB):
-                for a in T.unroll(A):
-                    for l in T.vectorized(L):
-                        if scaled:
-                            acc[t, l] = acc[t, l] + gacc[t, a, l] * T.Cast("float32", sc[nb, g, l])
-                        else:
-                            acc[t, l] = acc[t, l] + gacc[t, a, l]
+                for l in T.vectorized(L):
+                    if scaled:
+                        acc[t, l] = acc[t, l] + gacc[t, l] * T.Cast("float32", sc[nb, g, l])
+                    else:
+                        acc[t, l] = acc[t, l] + gacc[t, l]
         for t in T.unroll(TB):
             if r0 + t < S:
                 for l in T.vectorized(L):
                     y[r0 + t, nb * L + l] = acc[t, l]
+
+    @T.macro
+    def gemv(x, w, sc, y, nbo, DG):
+        """One row: DG panels at once, so that a core has DG weight streams in flight (one stream cannot keep
+        enough DRAM reads outstanding); DG x L/8 accumulator chains also hide the FMA latency."""
+        acc = T.alloc_buffer((DG, L), "float32", scope="local")
+        gacc = T.alloc_buffer((DG, L), "float32", scope="local")
+        for p in T.unroll(DG):
+            for l in T.vectorized(L):
+                acc[p, l] = T.float32(0)
+        for g in range(G):
+            for p in T.unroll(DG):
+                for l in T.vectorized(L):
+                    gacc[p, l] = T.float32(0)
+            for kk in range(T.min(GS, K - g * GS)):
+                for p in T.unroll(DG):
+                    for l in T.vectorized(L):
+                        gacc[p, l] = gacc[p, l] + x[0, g * GS + kk] * T.Cast("float32", w[nbo * DG + p, g * GS + kk, l])
+            for p in T.unroll(DG):
+                for l in T.vectorized(L):
+                    if scaled:
+                        acc[p, l] = acc[p, l] + gacc[p, l] * T.Cast("float32", sc[nbo * DG + p, g, l])
+                    else:
+                        acc[p, l] = acc[p, l] + gacc[p, l]
+        for p in T.unroll(DG):
+            for l in T.vectorized(L):
+                y[0, (nbo * DG + p) * L + l] = acc[p, l]
 
     @T.prim_func(private=True)
     def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
@@ -83,12 +106,13 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
         y3 = T.match_buffer(y_h, (1, S, N), "float32")
         x = T.decl_buffer((S, K), "float32", data=x3.data)
         y = T.decl_buffer((S, N), "float32", data=y3.data)
-        for nb in T.parallel(NB):
-            if S == 1:
-                tile(x, w, sc, y, nb, T.int64(0), S, 1, A)
-            else:
+        if S == 1:
+            for nbo in T.parallel(NB // DG):
+                gemv(x, w, sc, y, nbo, DG)
+        else:
+            for nb in T.parallel(NB):
                 for sb in range((S + TB - 1) // TB):
-                    tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
+                    tile(x, w, sc, y, nb, sb * TB, S, TB)
 
     return linear_dense
 

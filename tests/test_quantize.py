@@ -91,7 +91,8 @@ def build():
 
 
 @pytest.mark.parametrize("name", ["f32", "f16", "q8", "q4", "q4-g64-f32"])
-@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 48, 5), (100, 20, 3), (100, 32, 13)])
+@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 96, 1), (72, 48, 1), (64, 48, 5), (100, 20, 3),
+                                        (100, 32, 13)])
 def test_linear_kernel_is_numpy_dequantization(build, name, k, n, rows):
     from llamac import tvm_kernels
 
