@@ -403,10 +403,24 @@ class _StepRewriter(relax.PyExprMutator):
             softmax = self._producer(call.args[0], ("reshape", "astype"))
             last_axis = softmax is not None and _call_op(softmax, "nn.softmax") and int(softmax.attrs.axis) in (
                 -1, len(softmax.ty.shape.values) - 1)
-            ext = self._extent(self._mask_of(self._producer(softmax.args[0], ())) if last_axis else None)
-            gv = self._kernel(("attn_values",), lambda: tvm_kernels.attn_values(kvh, self.capacity, d))
-            p = self._emit(relax.op.reshape(x, [1, kvh, rows, total]))
-            out = self._emit(relax.call_tir(gv, [p, cache, ext], relax.TensorType([1, kvh, rows, d], "float32")))
+            where = self._producer(softmax.args[0], ()) if last_axis else None
+            cond = self._mask_of(where)
+            ext = self._extent(cond)
+            scores = self._producer(where.args[1], ("astype",)) if cond is not None else None
+            k_trace = self._trace_cache(scores.args[1]) if scores is not None else None
+            if (k_trace is not None and k_trace[1] and any(mm.same_as(scores) for mm, _ in self.score_masks)
+                    and _same_rows(scores.args[0], call.args[0])):
+                # the whole chain: one pass, no score matrix (the scores and softmax calls emitted before are dead)
+                q = self._emit(relax.op.reshape(self._f32(self.visit_expr(scores.args[0])), [1, kvh, rows, d]))
+                seq, total_ = list(cond.ty.shape.values)[-2:]
+                c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total_]))
+                gv = self._kernel(("attention",), lambda: tvm_kernels.attention(kvh, self.capacity, d))
+                out = self._emit(relax.call_tir(gv, [q, self.get_var_remap(k_trace[2]), cache, c3, ext],
+                                                relax.TensorType([1, kvh, rows, d], "float32")))
+            else:
+                gv = self._kernel(("attn_values",), lambda: tvm_kernels.attn_values(kvh, self.capacity, d))
+                p = self._emit(relax.op.reshape(x, [1, kvh, rows, total]))
+                out = self._emit(relax.call_tir(gv, [p, cache, ext], relax.TensorType([1, kvh, rows, d], "float32")))
         self.rewritten_attn += 1
         return self._like(relax.op.reshape(out, out_shape), call)
 
@@ -503,6 +517,13 @@ class _StepRewriter(relax.PyExprMutator):
         if axis == 1:                                                # take(W[H, V], ids, axis=1) -> [H, 1, seq]
             out = relax.op.permute_dims(self._emit(out), [2, 0, 1])
         return self._like(out, call)
+
+
+def _same_rows(q, p) -> bool:
+    """q [.., rows.., d] and p [.., rows.., total] have the same leading dims: query row r of one is row r of the
+    other."""
+    qs, ps = (list(e.ty.shape.values) if e.ty.shape is not None else [] for e in (q, p))
+    return len(qs) == len(ps) >= 3 and all(_same_dim(a, b) for a, b in zip(qs[:-1], ps[:-1]))
 
 
 def _same_dim(a, b) -> bool:

@@ -157,6 +157,36 @@ def test_attention_kernels_read_only_the_valid_prefix(build, ext):
     assert np.allclose(out.numpy(), p @ cache[:, :, :total], atol=1e-5)
 
 
+@pytest.mark.parametrize("seq,total", [(7, 20), (1, 37), (16, 16), (5, 50)])
+def test_fused_attention_kernel_is_softmax_of_where_times_v(build, seq, total):
+    """One pass (scores, masked online softmax, P.V) = the graph's softmax(where(visible, q.K^T, f32 min)).V, for
+    GQA rows (groups, seq) flattened, with a row that sees nothing (uniform over all keys, like the graph), a gap
+    in the mask, partial key blocks, and NaN cache rows past total (never read)."""
+    from llamac import tvm_kernels
+
+    heads, cap, d, groups = 2, 64, 16, 3
+    rows = groups * seq
+    q = RNG.standard_normal((1, heads, rows, d)).astype(np.float32)
+    k = RNG.standard_normal((1, heads, cap, d)).astype(np.float32) * 2
+    v = RNG.standard_normal((1, heads, cap, d)).astype(np.float32)
+    k[:, :, total:] = np.nan
+    v[:, :, total:] = np.nan
+    visible = np.tril(np.ones((seq, total), bool), total - seq)
+    visible[0, 1:4] = False
+    if seq > 2:
+        visible[1] = False
+    ext = _extents(visible)
+    f, tvm = build(tvm_kernels.attention(heads, cap, d))
+    out = tvm.runtime.tensor(np.zeros((1, heads, rows, d), np.float32))
+    f(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(visible[None]),
+      tvm.runtime.tensor(ext), out)
+    scores = q.astype(np.float64) @ k[:, :, :total].transpose(0, 1, 3, 2)
+    w = np.where(visible[np.arange(rows) % seq][None, None], scores, np.finfo(np.float32).min)
+    e = np.exp(w - w.max(-1, keepdims=True))
+    ref = (e / e.sum(-1, keepdims=True)) @ v[:, :, :total]
+    assert np.abs(out.numpy() - ref).max() < 1e-5
+
+
 def test_visible_extent_kernel(build):
     from llamac import tvm_kernels
 
