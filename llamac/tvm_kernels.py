@@ -45,58 +45,39 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
     sshape = (NB, G, L) if scaled else (1, 1, 1)     # float weights: an unused placeholder scale
 
     @T.macro
-    def tile(x, w, sc, y, nb, r0, S, TB):
-        acc = T.alloc_buffer((TB, L), "float32", scope="local")
-        gacc = T.alloc_buffer((TB, L), "float32", scope="local")
+    def tile(x, w, sc, y, nb0, r0, S, TB, NP):
+        """TB rows x NP weight panels. Prefill: 6 rows share each weight vector (12 accumulators). Decode: one row,
+        NP panels at once, so that a core has NP weight streams in flight (one stream cannot keep enough DRAM reads
+        outstanding); NP x L/8 accumulator chains also hide the FMA latency."""
+        acc = T.alloc_buffer((TB, NP, L), "float32", scope="local")
+        gacc = T.alloc_buffer((TB, NP, L), "float32", scope="local")
         for t in T.unroll(TB):
-            for l in T.vectorized(L):
-                acc[t, l] = T.float32(0)
+            for p in T.unroll(NP):
+                for l in T.vectorized(L):
+                    acc[t, p, l] = T.float32(0)
         for g in range(G):
             for t in T.unroll(TB):
-                for l in T.vectorized(L):
-                    gacc[t, l] = T.float32(0)
+                for p in T.unroll(NP):
+                    for l in T.vectorized(L):
+                        gacc[t, p, l] = T.float32(0)
             for kk in range(T.min(GS, K - g * GS)):
                 for t in T.unroll(TB):
-                    for l in T.vectorized(L):
-                        gacc[t, l] = gacc[t, l] + x[T.min(r0 + t, S - 1), g * GS + kk] * T.Cast(
-                            "float32", w[nb, g * GS + kk, l])
+                    for p in T.unroll(NP):
+                        for l in T.vectorized(L):
+                            gacc[t, p, l] = gacc[t, p, l] + x[T.min(r0 + t, S - 1), g * GS + kk] * T.Cast(
+                                "float32", w[nb0 + p, g * GS + kk, l])
             for t in T.unroll(TB):
-                for l in T.vectorized(L):
-                    if scaled:
-                        acc[t, l] = acc[t, l] + gacc[t, l] * T.Cast("float32", sc[nb, g, l])
-                    else:
-                        acc[t, l] = acc[t, l] + gacc[t, l]
+                for p in T.unroll(NP):
+                    for l in T.vectorized(L):
+                        if scaled:
+                            acc[t, p, l] = acc[t, p, l] + gacc[t, p, l] * T.Cast("float32", sc[nb0 + p, g, l])
+                        else:
+                            acc[t, p, l] = acc[t, p, l] + gacc[t, p, l]
         for t in T.unroll(TB):
             if r0 + t < S:
-                for l in T.vectorized(L):
-                    y[r0 + t, nb * L + l] = acc[t, l]
-
-    @T.macro
-    def gemv(x, w, sc, y, nbo, DG):
-        """One row: DG panels at once, so that a core has DG weight streams in flight (one stream cannot keep
-        enough DRAM reads outstanding); DG x L/8 accumulator chains also hide the FMA latency."""
-        acc = T.alloc_buffer((DG, L), "float32", scope="local")
-        gacc = T.alloc_buffer((DG, L), "float32", scope="local")
-        for p in T.unroll(DG):
-            for l in T.vectorized(L):
-                acc[p, l] = T.float32(0)
-        for g in range(G):
-            for p in T.unroll(DG):
-                for l in T.vectorized(L):
-                    gacc[p, l] = T.float32(0)
-            for kk in range(T.min(GS, K - g * GS)):
-                for p in T.unroll(DG):
+                for p in T.unroll(NP):
                     for l in T.vectorized(L):
-                        gacc[p, l] = gacc[p, l] + x[0, g * GS + kk] * T.Cast("float32", w[nbo * DG + p, g * GS + kk, l])
-            for p in T.unroll(DG):
-                for l in T.vectorized(L):
-                    if scaled:
-                        acc[p, l] = acc[p, l] + gacc[p, l] * T.Cast("float32", sc[nbo * DG + p, g, l])
-                    else:
-                        acc[p, l] = acc[p, l] + gacc[p, l]
-        for p in T.unroll(DG):
-            for l in T.vectorized(L):
-                y[0, (nbo * DG + p) * L + l] = acc[p, l]
+                        y[r0 + t, (nb0 + p) * L + l] = acc[t, p, l]
 
     @T.prim_func(private=True)
     def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
@@ -109,11 +90,11 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
         y = T.decl_buffer((S, N), "float32", data=y3.data)
         if S == 1:
             for nbo in T.parallel(NB // DG):
-                gemv(x, w, sc, y, nbo, DG)
+                tile(x, w, sc, y, nbo * DG, T.int64(0), S, 1, DG)
         else:
             for nb in T.parallel(NB):
                 for sb in range((S + TB - 1) // TB):
-                    tile(x, w, sc, y, nb, sb * TB, S, TB)
+                    tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
 
     return linear_dense
 
