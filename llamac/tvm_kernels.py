@@ -6,8 +6,8 @@ kernel is the numpy math of `llamac.quantize.dequantize` (w = f32(code) * f32(sc
 differs, so the artifact computes what `llamac inspect --dequantize` writes.
 
 - `linear`: y[1, S, N] = x[1, S, K] @ W, W in the packed layout of `quantize.pack`; dequantization happens in registers
-  inside the loop (no f32 weight copy exists). One row (decode) runs as a GEMV with split accumulators; more rows
-  (prefill) run in tiles of ROWS rows that reuse each dequantized weight vector.
+  inside the loop (no f32 weight copy exists). One row (decode) reads several weight panels at once (one DRAM
+  stream per panel); more rows (prefill) run in tiles of ROWS / FLOAT_ROWS rows that reuse each weight vector.
 - `embedding`: rows of the same packed weights, gathered by token id (tied embeddings share the lm_head weights).
 - `kv_write`: writes the new K or V rows into the fixed-capacity cache, in place (Relax call_tir_inplace).
 - `attn_scores` / `attn_values`: q.K^T and P.V reading only the valid prefix [0, total) of the cache, and per
