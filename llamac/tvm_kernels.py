@@ -335,12 +335,86 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
     matrix is written or read back; keys past the tile's extents (`visible_extent`) are skipped.
 
     A task is RB query rows of one kv head (GQA: the rows of its query heads share every K and V load). Per block of
-    JB keys: RB x JB scores as broadcast FMAs on the transposed keys (as in `attn_scores`), the running max and sum
-    per row, then acc = acc * exp(old max - new max) + p . V in chunks of DV columns kept in registers."""
+    JB keys: RB x JB scores (prefill: broadcast FMAs on keys transposed once per call, as in `attn_scores`; decode:
+    dot products with the key rows, since transposing the whole cache every step would cost more than the step's
+    attention), the running max and sum per row, then acc = acc * exp(old max - new max) + p . V in chunks of DV
+    columns kept in registers."""
     H, C, D = kv_heads, capacity, head_dim
     RB, JB = 4, 16
     DV = 16 if D % 16 == 0 else D
+    DIRECT = D % 8 == 0              # decode computes scores from the key rows (8-lane products)
     LOW = -3.4028234663852886e38     # the graph's fill value: a row that sees no key averages all of them
+
+    @T.macro
+    def task(q, k, v, vis, ext, out, kt, hr, R, S, total, direct):
+        sc = T.alloc_buffer((RB, JB), "float32", scope="local")
+        acc = T.alloc_buffer((RB, D), "float32", scope="local")
+        part = T.alloc_buffer((RB, DV), "float32", scope="local")
+        m = T.alloc_buffer((8,), "float32", scope="local")       # running max per row (lanes past RB unused)
+        mnew = T.alloc_buffer((8,), "float32", scope="local")
+        alpha = T.alloc_buffer((8,), "float32", scope="local")
+        lsum = T.alloc_buffer((RB,), "float32", scope="local")
+        hi = T.alloc_buffer((1,), "int64", scope="local")
+        h = hr // ((R + RB - 1) // RB)
+        r0 = hr % ((R + RB - 1) // RB) * RB
+        hi[0] = T.int64(0)
+        m[0:8] = _bc(LOW)
+        mnew[0:8] = _bc(LOW)
+        for t in T.unroll(RB):
+            hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
+            lsum[t] = T.float32(0)
+            for d in T.vectorized(D):
+                acc[t, d] = T.float32(0)
+        for jb in range((hi[0] + JB - 1) // JB):
+            for t in T.unroll(RB):
+                for jj in T.vectorized(JB):
+                    sc[t, jj] = T.float32(0)
+            if direct:      # one query row per head: dot products with the key rows, no transposed copy
+                for jj in range(JB):
+                    for t in T.unroll(RB):
+                        sc[t, jj] = _hsum8(_dot8(q, k, h, T.min(r0 + t, R - 1), T.min(jb * JB + jj, total - 1), D))
+            else:
+                for d in range(D):
+                    for t in T.unroll(RB):
+                        for jj in T.vectorized(JB):
+                            sc[t, jj] = sc[t, jj] + q[0, h, T.min(r0 + t, R - 1), d] * kt[h, d, jb * JB + jj]
+            for t in T.unroll(RB):
+                if jb * JB + JB <= total:
+                    for j8 in T.unroll(JB // 8):
+                        sc[t, j8 * 8:j8 * 8 + 8] = T.Select(
+                            vis.vload([0, T.min(r0 + t, R - 1) % S, jb * JB + j8 * 8], "boolx8"),
+                            sc.vload([t, j8 * 8], "float32x8"), _bc(LOW))
+                else:
+                    for jj in range(JB):
+                        sc[t, jj] = T.Select(jb * JB + jj < total and vis[
+                            0, T.min(r0 + t, R - 1) % S, T.min(jb * JB + jj, total - 1)], sc[t, jj], T.float32(LOW))
+                mnew[t] = m[t]
+                for jj in range(JB):
+                    mnew[t] = T.max(mnew[t], sc[t, jj])
+            alpha[0:8] = _exp8(m.vload([0], "float32x8") - mnew.vload([0], "float32x8"))
+            for t in T.unroll(RB):
+                for j8 in T.unroll(JB // 8):
+                    sc[t, j8 * 8:j8 * 8 + 8] = _exp8(sc.vload([t, j8 * 8], "float32x8") - T.broadcast(mnew[t], 8))
+                lsum[t] = lsum[t] * alpha[t]
+                for jj in range(T.min(JB, total - jb * JB)):   # past total, p is exp(0) in a row that sees none
+                    lsum[t] = lsum[t] + sc[t, jj]
+                m[t] = mnew[t]
+            for dc in range(D // DV):
+                for t in T.unroll(RB):
+                    for c in T.vectorized(DV):
+                        part[t, c] = acc[t, dc * DV + c] * alpha[t]
+                for jj in range(T.min(JB, total - jb * JB)):     # keys past total: never read (not even p = 0)
+                    for t in T.unroll(RB):
+                        for c in T.vectorized(DV):
+                            part[t, c] = part[t, c] + sc[t, jj] * v[0, h, jb * JB + jj, dc * DV + c]
+                for t in T.unroll(RB):
+                    for c in T.vectorized(DV):
+                        acc[t, dc * DV + c] = part[t, c]
+        for t in T.unroll(RB):
+            if r0 + t < R:
+                for d in T.vectorized(D):
+                    out[0, h, r0 + t, d] = acc[t, d] / lsum[t]
+
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k: T.Buffer((1, H, C, D), "float32"), v: T.Buffer((1, H, C, D), "float32"),
@@ -353,79 +427,34 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
         vis = T.match_buffer(vis_h, (1, S, total), "bool")
         ext = T.match_buffer(ext_h, (S,), "int64")
         out = T.match_buffer(out_h, (1, H, R, D), "float32")
-        kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
-        for hj in T.parallel(H * ((total + JB - 1) // JB)):
-            for d in range(D):
-                for jj in range(JB):
-                    kt[hj // ((total + JB - 1) // JB), d, hj % ((total + JB - 1) // JB) * JB + jj] = T.if_then_else(
-                        hj % ((total + JB - 1) // JB) * JB + jj < total,
-                        k[0, hj // ((total + JB - 1) // JB), T.min(hj % ((total + JB - 1) // JB) * JB + jj, C - 1), d],
-                        T.float32(0))
-        for hr in T.parallel(H * ((R + RB - 1) // RB)):
-            sc = T.alloc_buffer((RB, JB), "float32", scope="local")
-            acc = T.alloc_buffer((RB, D), "float32", scope="local")
-            part = T.alloc_buffer((RB, DV), "float32", scope="local")
-            m = T.alloc_buffer((8,), "float32", scope="local")       # running max per row (lanes past RB unused)
-            mnew = T.alloc_buffer((8,), "float32", scope="local")
-            alpha = T.alloc_buffer((8,), "float32", scope="local")
-            lsum = T.alloc_buffer((RB,), "float32", scope="local")
-            hi = T.alloc_buffer((1,), "int64", scope="local")
-            h = hr // ((R + RB - 1) // RB)
-            r0 = hr % ((R + RB - 1) // RB) * RB
-            hi[0] = T.int64(0)
-            m[0:8] = _bc(LOW)
-            mnew[0:8] = _bc(LOW)
-            for t in T.unroll(RB):
-                hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
-                lsum[t] = T.float32(0)
-                for d in T.vectorized(D):
-                    acc[t, d] = T.float32(0)
-            for jb in range((hi[0] + JB - 1) // JB):
-                for t in T.unroll(RB):
-                    for jj in T.vectorized(JB):
-                        sc[t, jj] = T.float32(0)
+        if S == 1 and DIRECT:       # decode
+            for hr in T.parallel(H * ((R + RB - 1) // RB)):
+                task(q, k, v, vis, ext, out, k, hr, R, S, total, True)
+        else:
+            kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")     # keys transposed, per head
+            nj = (total + JB - 1) // JB
+            for hj in T.parallel(H * nj):
                 for d in range(D):
-                    for t in T.unroll(RB):
-                        for jj in T.vectorized(JB):
-                            sc[t, jj] = sc[t, jj] + q[0, h, T.min(r0 + t, R - 1), d] * kt[h, d, jb * JB + jj]
-                for t in T.unroll(RB):
-                    if jb * JB + JB <= total:
-                        for j8 in T.unroll(JB // 8):
-                            sc[t, j8 * 8:j8 * 8 + 8] = T.Select(
-                                vis.vload([0, T.min(r0 + t, R - 1) % S, jb * JB + j8 * 8], "boolx8"),
-                                sc.vload([t, j8 * 8], "float32x8"), _bc(LOW))
-                    else:
-                        for jj in range(JB):
-                            sc[t, jj] = T.Select(jb * JB + jj < total and vis[
-                                0, T.min(r0 + t, R - 1) % S, T.min(jb * JB + jj, total - 1)], sc[t, jj], T.float32(LOW))
-                    mnew[t] = m[t]
                     for jj in range(JB):
-                        mnew[t] = T.max(mnew[t], sc[t, jj])
-                alpha[0:8] = _exp8(m.vload([0], "float32x8") - mnew.vload([0], "float32x8"))
-                for t in T.unroll(RB):
-                    for j8 in T.unroll(JB // 8):
-                        sc[t, j8 * 8:j8 * 8 + 8] = _exp8(sc.vload([t, j8 * 8], "float32x8") - T.broadcast(mnew[t], 8))
-                    lsum[t] = lsum[t] * alpha[t]
-                    for jj in range(T.min(JB, total - jb * JB)):   # past total, p is exp(0) in a row that sees none
-                        lsum[t] = lsum[t] + sc[t, jj]
-                    m[t] = mnew[t]
-                for dc in range(D // DV):
-                    for t in T.unroll(RB):
-                        for c in T.vectorized(DV):
-                            part[t, c] = acc[t, dc * DV + c] * alpha[t]
-                    for jj in range(T.min(JB, total - jb * JB)):     # keys past total: never read (not even p = 0)
-                        for t in T.unroll(RB):
-                            for c in T.vectorized(DV):
-                                part[t, c] = part[t, c] + sc[t, jj] * v[0, h, jb * JB + jj, dc * DV + c]
-                    for t in T.unroll(RB):
-                        for c in T.vectorized(DV):
-                            acc[t, dc * DV + c] = part[t, c]
-            for t in T.unroll(RB):
-                if r0 + t < R:
-                    for d in T.vectorized(D):
-                        out[0, h, r0 + t, d] = acc[t, d] / lsum[t]
+                        kt[hj // nj, d, hj % nj * JB + jj] = T.if_then_else(
+                            hj % nj * JB + jj < total, k[0, hj // nj, T.min(hj % nj * JB + jj, C - 1), d], T.float32(0))
+            for hr in T.parallel(H * ((R + RB - 1) // RB)):
+                task(q, k, v, vis, ext, out, kt, hr, R, S, total, False)
 
     return attention
+
+
+def _dot8(q, k, h, row, key, d: int):
+    """q[0, h, row, :] . k[0, h, key, :] as the 8 lanes of a vector sum of products (d a multiple of 8)."""
+    parts = [q.vload([0, h, row, i], "float32x8") * k.vload([0, h, key, i], "float32x8") for i in range(0, d, 8)]
+    while len(parts) > 1:       # a tree: independent multiply-adds
+        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _hsum8(v):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.vector.reduce.fadd"), T.float32(0), v,
+                                   dtype="float32")
 
 
 def _bc(value: float, dtype: str = "float32"):
