@@ -157,14 +157,15 @@ def test_attention_kernels_read_only_the_valid_prefix(build, ext):
     assert np.allclose(out.numpy(), p @ cache[:, :, :total], atol=1e-5)
 
 
-@pytest.mark.parametrize("seq,total", [(7, 20), (1, 37), (16, 16), (5, 50)])
-def test_fused_attention_kernel_is_softmax_of_where_times_v(build, seq, total):
+@pytest.mark.parametrize("seq,total,d", [(7, 20, 16), (1, 37, 16), (1, 37, 12), (16, 16, 16), (5, 50, 16)])
+def test_fused_attention_kernel_is_softmax_of_where_times_v(build, seq, total, d):
     """One pass (scores, masked online softmax, P.V) = the graph's softmax(where(visible, q.K^T, f32 min)).V, for
     GQA rows (groups, seq) flattened, with a row that sees nothing (uniform over all keys, like the graph), a gap
-    in the mask, partial key blocks, and NaN cache rows past total (never read)."""
+    in the mask, partial key blocks, and NaN cache rows past total (never read). One query row (decode) takes dot
+    products with the key rows when the head size is a multiple of 8, the transposed keys otherwise."""
     from llamac import tvm_kernels
 
-    heads, cap, d, groups = 2, 64, 16, 3
+    heads, cap, groups = 2, 64, 3
     rows = groups * seq
     q = RNG.standard_normal((1, heads, rows, d)).astype(np.float32)
     k = RNG.standard_normal((1, heads, cap, d)).astype(np.float32) * 2
