@@ -232,6 +232,19 @@ def kv_write(kv_heads: int, capacity: int, head_dim: int):
     return kv_write
 
 
+@T.macro
+def transpose_keys(k, kt, total, H, C, D, JB):
+    """kt[h, d, j] = k[0, h, j, d] for the valid keys j < total, zero up to the next multiple of JB: a tile of JB keys
+    is then one vector per (head, d) for broadcast FMAs."""
+    for hj in T.parallel(H * ((total + JB - 1) // JB)):
+        for d in range(D):
+            for jj in range(JB):
+                kt[hj // ((total + JB - 1) // JB), d, hj % ((total + JB - 1) // JB) * JB + jj] = T.if_then_else(
+                    hj % ((total + JB - 1) // JB) * JB + jj < total,
+                    k[0, hj // ((total + JB - 1) // JB), T.min(hj % ((total + JB - 1) // JB) * JB + jj, C - 1), d],
+                    T.float32(0))
+
+
 def attn_scores(kv_heads: int, capacity: int, head_dim: int):
     """out[0, h, r, j] = q[0, h, r, :] . k[0, h, j, :] for j < ext[r % S] (R query rows per kv head: GQA groups x
     seq S; ext from `visible_extent`). Scores of keys past a row's extent are masked later, so they are not computed
@@ -252,13 +265,7 @@ def attn_scores(kv_heads: int, capacity: int, head_dim: int):
         ext = T.match_buffer(ext_h, (S,), "int64")
         out = T.match_buffer(out_h, (1, H, R, total), "float32")
         kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
-        for hj in T.parallel(H * ((total + JB - 1) // JB)):
-            for d in range(D):
-                for jj in range(JB):
-                    kt[hj // ((total + JB - 1) // JB), d, hj % ((total + JB - 1) // JB) * JB + jj] = T.if_then_else(
-                        hj % ((total + JB - 1) // JB) * JB + jj < total,
-                        k[0, hj // ((total + JB - 1) // JB), T.min(hj % ((total + JB - 1) // JB) * JB + jj, C - 1), d],
-                        T.float32(0))
+        transpose_keys(k, kt, total, H, C, D, JB)
         for hr in T.parallel(H * ((R + RB - 1) // RB)):
             acc = T.alloc_buffer((RB, JB), "float32", scope="local")
             h = hr // ((R + RB - 1) // RB)
@@ -431,13 +438,8 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
             for hr in T.parallel(H * ((R + RB - 1) // RB)):
                 task(q, k, v, vis, ext, out, k, hr, R, S, total, True)
         else:
-            kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")     # keys transposed, per head
-            nj = (total + JB - 1) // JB
-            for hj in T.parallel(H * nj):
-                for d in range(D):
-                    for jj in range(JB):
-                        kt[hj // nj, d, hj % nj * JB + jj] = T.if_then_else(
-                            hj % nj * JB + jj < total, k[0, hj // nj, T.min(hj % nj * JB + jj, C - 1), d], T.float32(0))
+            kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
+            transpose_keys(k, kt, total, H, C, D, JB)
             for hr in T.parallel(H * ((R + RB - 1) // RB)):
                 task(q, k, v, vis, ext, out, kt, hr, R, S, total, False)
 
