@@ -213,7 +213,7 @@ class _StepRewriter(relax.PyExprMutator):
         else:
             self.logits_call = self._producer(out, ("reshape", "astype"))
         self.ids = dict(zip(imported.param_names, func.params))["input_ids"]
-        self.extents: list = []        # (mask expr, its visible_extent var): one per mask, shared by all layers
+        self.masks: list = []          # (mask expr, its [1, seq, total] view, key extents): shared by all layers
         self.score_masks = self._score_masks(func)
 
     # ---- driving
@@ -300,14 +300,16 @@ class _StepRewriter(relax.PyExprMutator):
                 scores = value.args[0]
         return out
 
-    def _extent(self, cond):
-        """ext [seq] int64 (`tvm_kernels.visible_extent`) of a mask, or every key (None: the mask is unknown)."""
-        for known, ext in self.extents:
+    def _mask(self, cond) -> tuple:
+        """(mask as [1, seq, total] or None, key extents [seq] int64), emitted once per mask. The extents come from
+        `tvm_kernels.visible_extent`, or cover every key when the mask is unknown (cond None)."""
+        for known, c3, ext in self.masks:
             if known is cond or (cond is not None and known is not None and known.same_as(cond)):
-                return ext
+                return c3, ext
         if cond is None:
             gv = self._kernel(("all_keys",), tvm_kernels.all_keys)
             seq = list(self.ids.ty.shape.values)[1]
+            c3 = None
             ext = self._emit(relax.call_tir(gv, [self.ids, relax.prim_value(self.total)],
                                             relax.TensorType([seq], "int64")))
         else:
@@ -315,8 +317,8 @@ class _StepRewriter(relax.PyExprMutator):
             gv = self._kernel(("visible_extent",), tvm_kernels.visible_extent)
             c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total]))
             ext = self._emit(relax.call_tir(gv, [c3], relax.TensorType([seq], "int64")))
-        self.extents.append((cond, ext))
-        return ext
+        self.masks.append((cond, c3, ext))
+        return c3, ext
 
     def _kernel(self, key, make):
         if key not in self.kernels:
@@ -392,8 +394,7 @@ class _StepRewriter(relax.PyExprMutator):
             raise InputError(f"attention operand of shape {xshape} is not [1, kv_heads={kvh}, ...]")
         rows = _prod(xshape[2:-1])      # (groups, seq) flattened: query row r is position r % seq
         if permuted:        # scores = q . K^T: q [1, kv, rows, d]
-            cond = next((c for mm, c in self.score_masks if mm.same_as(call)), None)
-            ext = self._extent(cond)
+            _, ext = self._mask(next((c for mm, c in self.score_masks if mm.same_as(call)), None))
             gv = self._kernel(("attn_scores",), lambda: tvm_kernels.attn_scores(kvh, self.capacity, d))
             q = self._emit(relax.op.reshape(x, [1, kvh, rows, d]))
             out = self._emit(relax.call_tir(gv, [q, cache, ext],
@@ -405,15 +406,13 @@ class _StepRewriter(relax.PyExprMutator):
                 -1, len(softmax.ty.shape.values) - 1)
             where = self._producer(softmax.args[0], ()) if last_axis else None
             cond = self._mask_of(where)
-            ext = self._extent(cond)
+            c3, ext = self._mask(cond)
             scores = self._producer(where.args[1], ("astype",)) if cond is not None else None
             k_trace = self._trace_cache(scores.args[1]) if scores is not None else None
             if (k_trace is not None and k_trace[1] and any(mm.same_as(scores) for mm, _ in self.score_masks)
                     and _same_rows(scores.args[0], call.args[0])):
                 # the whole chain: one pass, no score matrix (the scores and softmax calls emitted before are dead)
                 q = self._emit(relax.op.reshape(self._f32(self.visit_expr(scores.args[0])), [1, kvh, rows, d]))
-                seq, total_ = list(cond.ty.shape.values)[-2:]
-                c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total_]))
                 gv = self._kernel(("attention",), lambda: tvm_kernels.attention(kvh, self.capacity, d))
                 out = self._emit(relax.call_tir(gv, [q, self.get_var_remap(k_trace[2]), cache, c3, ext],
                                                 relax.TensorType([1, kvh, rows, d], "float32")))
@@ -463,12 +462,11 @@ class _StepRewriter(relax.PyExprMutator):
             return None
         rows = int(rows)
         x = self._f32(self.visit_expr(w.args[1]))
-        seq, total = shape[-2], shape[-1]
-        ext = self._extent(cond)
+        c3, ext = self._mask(cond)
         gv = self._kernel(("masked_softmax", rows), lambda: tvm_kernels.masked_softmax(rows))
-        x4 = self._emit(relax.op.reshape(x, [1, rows, seq, total]))
-        c3 = self._emit(relax.op.reshape(self.visit_expr(cond), [1, seq, total]))
-        out = self._emit(relax.call_tir(gv, [x4, c3, ext], relax.TensorType([1, rows, seq, total], "float32")))
+        x4 = self._emit(relax.op.reshape(x, [1, rows, shape[-2], shape[-1]]))
+        out = self._emit(relax.call_tir(gv, [x4, c3, ext], relax.TensorType([1, rows, shape[-2], shape[-1]],
+                                                                           "float32")))
         return self._like(relax.op.reshape(out, shape), call)
 
     def _silu_mul(self, call):
