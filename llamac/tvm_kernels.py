@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 from llamac.quantize import Scheme
 
 OPAQUE = 8      # relax OpPatternKind kOpaque: FuseOps leaves these kernels alone
+LOW = -3.4028234663852886e38    # the graph's mask fill (float32 min): a row that sees no key averages all of them
 ROWS = 4        # prefill tile: rows sharing one dequantized weight vector (q8/q4)
 FLOAT_ROWS = 6  # f32/f16 prefill tile: 6 rows x 2 vectors = 12 accumulators, the most that fit 16 AVX registers
 
@@ -233,6 +234,15 @@ def kv_write(kv_heads: int, capacity: int, head_dim: int):
 
 
 @T.macro
+def tile_extent(hi, ext, r0, R, S, RB):
+    """hi[0] = the largest key extent of query rows r0 .. r0 + RB - 1 (row r is position r % S): keys past it are
+    masked for every row of the tile."""
+    hi[0] = T.int64(0)
+    for t in T.unroll(RB):
+        hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
+
+
+@T.macro
 def transpose_keys(k, kt, total, H, C, D, JB):
     """kt[h, d, j] = k[0, h, j, d] for the valid keys j < total, zero up to the next multiple of JB: a tile of JB keys
     is then one vector per (head, d) for broadcast FMAs."""
@@ -271,9 +281,7 @@ def attn_scores(kv_heads: int, capacity: int, head_dim: int):
             h = hr // ((R + RB - 1) // RB)
             r0 = hr % ((R + RB - 1) // RB) * RB
             hi = T.alloc_buffer((1,), "int64", scope="local")
-            hi[0] = T.int64(0)
-            for t in T.unroll(RB):
-                hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
+            tile_extent(hi, ext, r0, R, S, RB)
             for jb in range((hi[0] + JB - 1) // JB):
                 for t in T.unroll(RB):
                     for jj in T.vectorized(JB):
@@ -319,9 +327,8 @@ def attn_values(kv_heads: int, capacity: int, head_dim: int):
             r0 = task // ND % ((R + RB - 1) // RB) * RB
             c0 = task % ND * DC
             hi = T.alloc_buffer((1,), "int64", scope="local")
-            hi[0] = T.int64(0)
+            tile_extent(hi, ext, r0, R, S, RB)
             for t in T.unroll(RB):
-                hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
                 for c in T.vectorized(DC):
                     acc[t, c] = T.float32(0)
             for j in range(hi[0]):
@@ -350,7 +357,6 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
     RB, JB = 4, 16
     DV = 16 if D % 16 == 0 else D
     DIRECT = D % 8 == 0              # decode computes scores from the key rows (8-lane products)
-    LOW = -3.4028234663852886e38     # the graph's fill value: a row that sees no key averages all of them
 
     @T.macro
     def task(q, k, v, vis, ext, out, kt, hr, R, S, total, direct):
@@ -364,11 +370,10 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
         hi = T.alloc_buffer((1,), "int64", scope="local")
         h = hr // ((R + RB - 1) // RB)
         r0 = hr % ((R + RB - 1) // RB) * RB
-        hi[0] = T.int64(0)
+        tile_extent(hi, ext, r0, R, S, RB)
         m[0:8] = _bc(LOW)
         mnew[0:8] = _bc(LOW)
         for t in T.unroll(RB):
-            hi[0] = T.max(hi[0], ext[T.min(r0 + t, R - 1) % S])
             lsum[t] = T.float32(0)
             for d in T.vectorized(D):
                 acc[t, d] = T.float32(0)
@@ -528,7 +533,6 @@ def masked_softmax(rows: int):
     attention mask, shared by all rows) and ext [S] from `visible_extent`: 8-lane passes for the max, exp and sum,
     and the scaling, over the keys before the row's extent only (past it, out is 0 and scores are not read)."""
     R = rows
-    LOW = -3.4028234663852886e38     # the graph's fill value (numpy's float32 min): a fully masked row is uniform
 
     @T.prim_func(private=True)
     def masked_softmax(s_h: T.handle, vis_h: T.handle, ext_h: T.handle, out_h: T.handle):
