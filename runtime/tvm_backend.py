@@ -165,7 +165,9 @@ class TVMModel:
         total = n_past + ids.shape[1]
         f = self._decode if ids.shape[1] == 1 else self._main
         out = f(*stage.tensors(ids, n_past, total), *caches, self._params)
-        return out.numpy()[0, -1].astype(np.float32, copy=False)
+        # a zero-copy view that keeps the VM's output tensor alive (the VM allocates a fresh one per call): .numpy()
+        # allocated and copied 128 KB per token, ~0.2 ms of a 4 ms decode step with the caches cold from the weights
+        return np.from_dlpack(out)[0, -1].astype(np.float32, copy=False)
 
 
 def _aligned(n: int, dtype=np.int64) -> np.ndarray:
@@ -186,13 +188,20 @@ class _Inputs:
         self.ones = _aligned(capacity)
         self.ones[:] = 1
         self.pos = _aligned(chunk)
+        f = self._from_dlpack
+        self._one_token = f(self.ids[:1].reshape(1, 1)), f(self.pos[:1].reshape(1, 1))   # decode's, made once
 
     def tensors(self, ids: np.ndarray, n_past: int, total: int) -> list:
         s = ids.shape[1]
+        f = self._from_dlpack
+        mask = f(self.ones[:total].reshape(1, total))
+        if s == 1:
+            self.ids[0] = ids[0, 0]
+            self.pos[0] = n_past
+            return [self._one_token[0], mask, self._one_token[1]]
         self.ids[:s] = ids[0]
         self.pos[:s] = np.arange(n_past, total)
-        f = self._from_dlpack
-        return [f(self.ids[:s].reshape(1, s)), f(self.ones[:total].reshape(1, total)), f(self.pos[:s].reshape(1, s))]
+        return [f(self.ids[:s].reshape(1, s)), mask, f(self.pos[:s].reshape(1, s))]
 
 
 class TVMSession:
