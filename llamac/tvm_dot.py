@@ -22,6 +22,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_interleave, dot_padded_k
+from llamac.tvm_kernels import tile_scope
 from llamac.targets import DOT_ISAS
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
@@ -96,7 +97,7 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
     def block_dot(w, xq32, isum, nt, a, r0, S, TB, NT):
         # isum[t, b, 0:8] = sum over activation block a of xq[row t] * code[channel tile b] (int32)
         if avx2 and q4:
-            a16 = T.alloc_buffer((TB, NT, 16), "int16", scope="local")
+            a16 = T.alloc_buffer((TB, NT, 16), "int16", scope=tile_scope(TB))
             for t in T.unroll(TB):
                 for b in T.unroll(NT):
                     a16[t, b, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
@@ -153,9 +154,9 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
 
     @T.macro
     def tile(w, sc, xq32, dx, xs8, y, nt, r0, S, TB, NT):
-        acc = T.alloc_buffer((TB, NT, 8), "float32", scope="local")
-        gacc = T.alloc_buffer((TB, NT, 8), "float32", scope="local")
-        isum = T.alloc_buffer((TB, NT, 8), "int32", scope="local")
+        acc = T.alloc_buffer((TB, NT, 8), "float32", scope=tile_scope(TB))
+        gacc = T.alloc_buffer((TB, NT, 8), "float32", scope=tile_scope(TB))
+        isum = T.alloc_buffer((TB, NT, 8), "int32", scope=tile_scope(TB))
         for t in T.unroll(TB):
             for b in T.unroll(NT):
                 acc[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
@@ -184,8 +185,8 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
     def quantize_row(x, xq, dx, xs8, r):
         # xq = rint(x * 127 / max|x|) per block of 32 inputs (zero past K); dx = max|x| / 127; q4: xs8 = 8 * sum(xq)
         for a in range(NA):
-            m = T.alloc_buffer((8,), "float32", scope="local")
-            s = T.alloc_buffer((8,), "int32", scope="local")
+            m = T.alloc_buffer((8,), "float32")
+            s = T.alloc_buffer((8,), "int32")
             if (a + 1) * BLOCK <= K:        # a whole block: four 8-lane vectors
                 m[0:8] = T.max(T.max(_abs8(x.vload([r, a * BLOCK], "float32x8")),
                                      _abs8(x.vload([r, a * BLOCK + 8], "float32x8"))),

@@ -27,6 +27,14 @@ ROWS = 4        # prefill tile: rows sharing one dequantized weight vector (q8/q
 FLOAT_ROWS = 6  # f32/f16 prefill tile: 6 rows x 2 vectors = 12 accumulators, the most that fit 16 AVX registers
 
 
+def tile_scope(rows: int) -> str:
+    """Storage of a linear tile's accumulators. TVM lowers "global" scratch of constant size under 1 KiB to a stack
+    array that LLVM keeps in registers, and any "local" buffer to a heap workspace (an allocator call per task).
+    The stack suits the one-row decode tile (q4 decode 10 % faster, f16 5 %); the multi-row prefill tiles and the
+    attention kernels measured faster with workspaces (q4 prefill 23 %, attention 35 % slower on the stack)."""
+    return "global" if rows == 1 else "local"
+
+
 def linear(scheme: Scheme, k: int, n: int, lanes: int):
     if scheme.kind == "float":
         return _linear_dense(k, n, lanes, scheme.weight_dtype, None, k)
@@ -50,8 +58,8 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
         """TB rows x NP weight panels. Prefill: 6 rows share each weight vector (12 accumulators). Decode: one row,
         NP panels at once, so that a core has NP weight streams in flight (one stream cannot keep enough DRAM reads
         outstanding); NP x L/8 accumulator chains also hide the FMA latency."""
-        acc = T.alloc_buffer((TB, NP, L), "float32", scope="local")
-        gacc = T.alloc_buffer((TB, NP, L), "float32", scope="local")
+        acc = T.alloc_buffer((TB, NP, L), "float32", scope=tile_scope(TB))
+        gacc = T.alloc_buffer((TB, NP, L), "float32", scope=tile_scope(TB))
         for t in T.unroll(TB):
             for p in T.unroll(NP):
                 for l in T.vectorized(L):
@@ -114,8 +122,8 @@ def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
 
     @T.macro
     def tile(x, w, sc, xs, y, nb, r0, S, TB, A):
-        acc = T.alloc_buffer((TB, L), "float32", scope="local")
-        gacc = T.alloc_buffer((TB, A, L), "float32", scope="local")
+        acc = T.alloc_buffer((TB, L), "float32", scope=tile_scope(TB))
+        gacc = T.alloc_buffer((TB, A, L), "float32", scope=tile_scope(TB))
         for t in T.unroll(TB):
             for l in T.vectorized(L):
                 acc[t, l] = T.float32(0)
