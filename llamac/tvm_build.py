@@ -5,12 +5,15 @@ every kernel (see `tvm_schedule`), then runs the usual VM lowering and finalizat
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import tvm
 from tvm import relax
 
 from llamac.tvm_schedule import ScheduleCPU
+
+KERNEL_HELPER = Path(__file__).with_name("next_task.c")
 
 
 def pipeline(vector_lanes: int) -> tvm.transform.Pass:
@@ -49,5 +52,18 @@ def build(mod: tvm.IRModule, target_dict: dict, vector_lanes: int, out_path: Pat
     target = tvm.target.Target(target_dict)
     with target, tvm.transform.PassContext(opt_level=3):
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(vector_lanes))
+    link(ex, out_path, cc)
+
+
+def link(ex, out_path: Path, cc: str | None = None) -> None:
+    """Write the compiled module as a shared library, with the kernels' C helper (`next_task.c`) linked in."""
     kwargs = {"cc": cc} if cc else {}
-    ex.export_library(str(out_path), **kwargs)
+    ex.export_library(str(out_path), addons=[str(KERNEL_HELPER)], options=["-O2"], **kwargs)
+
+
+def load(ex) -> tvm.runtime.Module:
+    """Link and load a compiled module in this process (kernels built outside an artifact: tests, benchmarks)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernels.so"
+        link(ex, path)
+        return tvm.runtime.load_module(str(path))

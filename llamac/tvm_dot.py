@@ -22,7 +22,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_interleave, dot_padded_k
-from llamac.tvm_kernels import tile_scope
+from llamac.tvm_kernels import WORKERS, next_task, tile_scope
 from llamac.targets import DOT_ISAS
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
@@ -236,13 +236,19 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
         else:
             for r in T.parallel(S):
                 quantize_row(x, xq, dx, xs8, r)
-        if S == 1:
+        if S == 1:      # decode: each core streams one contiguous half of the weights (tasks shared would interleave)
             for nt in T.parallel(NB // NTD):
                 tile(w, sc, xq32, dx, xs8, y, nt, T.int64(0), S, 1, NTD)
         else:
-            for nt in T.parallel(NB // NTP):
-                for sb in range((S + TBP - 1) // TBP):
-                    tile(w, sc, xq32, dx, xs8, y, nt, sb * TBP, S, TBP, NTP)
+            cnt = T.alloc_buffer((1,), "int32")
+            cnt[0] = 0
+            for wk in T.parallel(WORKERS):
+                cur = T.alloc_buffer((1,), "int32")
+                cur[0] = next_task(cnt)
+                while cur[0] < NB // NTP:
+                    for sb in range((S + TBP - 1) // TBP):
+                        tile(w, sc, xq32, dx, xs8, y, T.Cast("int64", cur[0]), sb * TBP, S, TBP, NTP)
+                    cur[0] = next_task(cnt)
 
     return linear_dot
 

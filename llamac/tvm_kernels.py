@@ -1,7 +1,8 @@
 """Hand-scheduled TIR kernels for the parts of a Llama step that matter on a CPU.
 
 Each generator returns a PrimFunc with static weight shapes and a symbolic token count, already scheduled (parallel
-outer loop, vectorized inner loop, accumulators in registers): the pipeline builds them as they are. The math of every
+outer loop, vectorized inner loop, accumulators in registers): the pipeline builds them as they are. Prefill tiles
+are handed out from a shared counter (`next_task`), so a core slowed down by other work takes fewer of them. The math of every
 kernel is the numpy math of `llamac.quantize.dequantize` (w = f32(code) * f32(scale)); only the order of additions
 differs, so the artifact computes what `llamac inspect --dequantize` writes.
 
@@ -25,6 +26,17 @@ OPAQUE = 8      # relax OpPatternKind kOpaque: FuseOps leaves these kernels alon
 LOW = -3.4028234663852886e38    # the graph's mask fill (float32 min): a row that sees no key averages all of them
 ROWS = 4        # prefill tile: rows sharing one dequantized weight vector (q8/q4)
 FLOAT_ROWS = 6  # f32/f16 prefill tile: 6 rows x 2 vectors = 12 accumulators, the most that fit 16 AVX registers
+
+
+WORKERS = 64    # slots of a parallel loop that takes its tasks from a shared counter (at least the core count)
+
+
+def next_task(counter):
+    """The next task index of a parallel loop: each of its WORKERS slots keeps taking tasks until they run out, so a
+    slowed-down core takes fewer (`next_task.c`, linked into the library; a plain parallel loop splits the tasks
+    evenly, and the others wait for the slowest core at its end). Prefill tiles use it; decode keeps the even split,
+    which lets each core stream one contiguous part of the weights."""
+    return T.call_extern("int32", "llamac_next_task", T.address_of(counter[0]))
 
 
 def tile_scope(rows: int) -> str:
@@ -101,9 +113,15 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
             for nbo in T.parallel(NB // DG):
                 tile(x, w, sc, y, nbo * DG, T.int64(0), S, 1, DG)
         else:
-            for nb in T.parallel(NB):
-                for sb in range((S + TB - 1) // TB):
-                    tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
+            cnt = T.alloc_buffer((1,), "int32")
+            cnt[0] = 0
+            for wk in T.parallel(WORKERS):
+                cur = T.alloc_buffer((1,), "int32")
+                cur[0] = next_task(cnt)
+                while cur[0] < NB:
+                    for sb in range((S + TB - 1) // TB):
+                        tile(x, w, sc, y, T.Cast("int64", cur[0]), sb * TB, S, TB, 1)
+                    cur[0] = next_task(cnt)
 
     return linear_dense
 
@@ -166,12 +184,19 @@ def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
                 xs[r, g] = T.float32(0)
                 for e in range(T.min(GS, KW * 8 - g * GS)):
                     xs[r, g] = xs[r, g] + x[r, T.min(g * GS + e, K - 1)] * T.float32(8)
-        for nb in T.parallel(NB):
-            if S == 1:
+        if S == 1:
+            for nb in T.parallel(NB):
                 tile(x, w, sc, xs, y, nb, T.int64(0), S, 1, 2)
-            else:
-                for sb in range((S + ROWS - 1) // ROWS):
-                    tile(x, w, sc, xs, y, nb, sb * ROWS, S, ROWS, 1)
+        else:
+            cnt = T.alloc_buffer((1,), "int32")
+            cnt[0] = 0
+            for wk in T.parallel(WORKERS):
+                cur = T.alloc_buffer((1,), "int32")
+                cur[0] = next_task(cnt)
+                while cur[0] < NB:
+                    for sb in range((S + ROWS - 1) // ROWS):
+                        tile(x, w, sc, xs, y, T.Cast("int64", cur[0]), sb * ROWS, S, ROWS, 1)
+                    cur[0] = next_task(cnt)
 
     return linear_q4
 

@@ -82,11 +82,13 @@ def test_zero_and_constant_groups():
 def build():
     import tvm
 
+    from llamac import tvm_build
+
     target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v2"})
 
     def _build(func):
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-        return tvm.compile(mod, target=target).jit()["main"], tvm
+        return tvm_build.load(tvm.compile(mod, target=target))["main"], tvm
     return _build
 
 
@@ -242,12 +244,14 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
 def build_avx2():
     import tvm
 
+    from llamac import tvm_build
+
     target = tvm.target.Target(AVX2)
 
     def _build(func):
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         with target:
-            return tvm.compile(mod, target=target).jit()["main"], tvm
+            return tvm_build.load(tvm.compile(mod, target=target))["main"], tvm
     return _build
 
 
@@ -271,6 +275,36 @@ def test_dot_kernel_is_int8_activations_times_dequantized_weights(build_avx2, na
     assert np.abs(y.numpy()[0] - ref).max() <= 1e-5 * np.abs(ref).max()
     exact = x[0] @ w                                    # and activation quantization costs little accuracy
     assert np.abs(y.numpy()[0] - exact).max() <= 0.15 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("kernel,name", [("dense", "f16"), ("lanes", "q4"), ("dot", "q8"), ("dot", "q4")])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, kernel, name, rows):
+    """The parallel loops take their tasks from a shared counter: on 3 threads, every output tile is written (the
+    output starts as NaN) with the single-threaded math."""
+    from llamac import tvm_dot, tvm_kernels
+
+    s = get_scheme(name)
+    k, n = 64, 1024
+    qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
+    if kernel == "dot":
+        arrays, func = pack(qt, 8, "dot"), tvm_dot.linear(s, k, n, "avx2")
+        ref = q8_activations
+    else:
+        arrays, func = pack(qt, 16), tvm_kernels.linear(s, k, n, 16)
+        ref = np.asarray
+    x = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    f, tvm = build_avx2(func)
+    threads = tvm.get_global_func("runtime.config_threadpool")
+    threads(0, 3)
+    try:
+        y = tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32))
+        f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))),
+          tvm.runtime.tensor(arrays.get("scale", np.zeros((1, 1, 1), np.float32))), y)
+    finally:
+        threads(0, 0)
+    expected = ref(x[0]) @ dequantize(qt).astype(np.float64)
+    assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("name", ["q8", "q4"])
