@@ -478,8 +478,14 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
         else:
             kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
             transpose_keys(k, kt, total, H, C, D, JB)
-            for hr in T.parallel(H * ((R + RB - 1) // RB)):
-                task(q, k, v, vis, ext, out, kt, hr, R, S, total, False)
+            cnt = T.alloc_buffer((1,), "int32")
+            cnt[0] = 0
+            for wk in T.parallel(WORKERS):
+                cur = T.alloc_buffer((1,), "int32")
+                cur[0] = next_task(cnt)
+                while T.Cast("int64", cur[0]) < H * ((R + RB - 1) // RB):
+                    task(q, k, v, vis, ext, out, kt, T.Cast("int64", cur[0]), R, S, total, False)
+                    cur[0] = next_task(cnt)
 
     return attention
 

@@ -2,6 +2,8 @@
 dequantization (the same math `llamac inspect --dequantize` writes)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -127,6 +129,17 @@ def test_embedding_kernel_is_numpy_dequantization(build, name):
     assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])
 
 
+@contextlib.contextmanager
+def _threads(tvm, n: int):
+    """TVM's thread pool at n threads for the duration (then back to its default)."""
+    config = tvm.get_global_func("runtime.config_threadpool")
+    config(0, n)
+    try:
+        yield
+    finally:
+        config(0, 0)
+
+
 def _extents(visible: np.ndarray) -> np.ndarray:
     """1 + the last visible key per query row, or all keys for a row that sees none (numpy reference)."""
     last = np.where(visible.any(-1), visible.shape[-1] - np.argmax(visible[..., ::-1], -1), visible.shape[-1])
@@ -180,9 +193,10 @@ def test_fused_attention_kernel_is_softmax_of_where_times_v(build, seq, total, d
         visible[1] = False
     ext = _extents(visible)
     f, tvm = build(tvm_kernels.attention(heads, cap, d))
-    out = tvm.runtime.tensor(np.zeros((1, heads, rows, d), np.float32))
-    f(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(visible[None]),
-      tvm.runtime.tensor(ext), out)
+    out = tvm.runtime.tensor(np.full((1, heads, rows, d), np.nan, np.float32))
+    with _threads(tvm, 3):      # the tasks come from a shared counter: each must be done once
+        f(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(visible[None]),
+          tvm.runtime.tensor(ext), out)
     scores = q.astype(np.float64) @ k[:, :, :total].transpose(0, 1, 3, 2)
     w = np.where(visible[np.arange(rows) % seq][None, None], scores, np.finfo(np.float32).min)
     e = np.exp(w - w.max(-1, keepdims=True))
@@ -295,14 +309,10 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
         ref = np.asarray
     x = RNG.standard_normal((1, rows, k)).astype(np.float32)
     f, tvm = build_avx2(func)
-    threads = tvm.get_global_func("runtime.config_threadpool")
-    threads(0, 3)
-    try:
-        y = tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32))
+    y = tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32))
+    with _threads(tvm, 3):
         f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))),
           tvm.runtime.tensor(arrays.get("scale", np.zeros((1, 1, 1), np.float32))), y)
-    finally:
-        threads(0, 0)
     expected = ref(x[0]) @ dequantize(qt).astype(np.float64)
     assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
