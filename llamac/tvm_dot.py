@@ -22,7 +22,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_interleave, dot_padded_k
-from llamac.tvm_kernels import WORKERS, next_task, tile_scope
+from llamac.tvm_kernels import for_each_task, tile_scope
 from llamac.targets import DOT_ISAS
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
@@ -218,6 +218,11 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
             dx[r, a] = m[0] / T.float32(127)
             xs8[r, a] = s[0] * 8 if q4 else 0
 
+    @T.macro(hygienic=False)
+    def tiles(nt, NTP=NTP, TBP=TBP, tile=tile):     # prefill: every row of channel tiles nt * NTP .., TBP at a time
+        for sb in range((S + TBP - 1) // TBP):
+            tile(w, sc, xq32, dx, xs8, y, nt, sb * TBP, S, TBP, NTP)
+
     @T.prim_func(private=True)
     def linear_dot(x_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype),
                    sc: T.Buffer((NB // TI, G, 8 * TI), sdt), y_h: T.handle):
@@ -240,15 +245,7 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
             for nt in T.parallel(NB // NTD):
                 tile(w, sc, xq32, dx, xs8, y, nt, T.int64(0), S, 1, NTD)
         else:
-            cnt = T.alloc_buffer((1,), "int32")
-            cnt[0] = 0
-            for wk in T.parallel(WORKERS):
-                cur = T.alloc_buffer((1,), "int32")
-                cur[0] = next_task(cnt)
-                while cur[0] < NB // NTP:
-                    for sb in range((S + TBP - 1) // TBP):
-                        tile(w, sc, xq32, dx, xs8, y, T.Cast("int64", cur[0]), sb * TBP, S, TBP, NTP)
-                    cur[0] = next_task(cnt)
+            for_each_task(T.int64(NB // NTP), tiles)
 
     return linear_dot
 

@@ -32,11 +32,28 @@ WORKERS = 64    # slots of a parallel loop that takes its tasks from a shared co
 
 
 def next_task(counter):
-    """The next task index of a parallel loop: each of its WORKERS slots keeps taking tasks until they run out, so a
-    slowed-down core takes fewer (`next_task.c`, linked into the library; a plain parallel loop splits the tasks
-    evenly, and the others wait for the slowest core at its end). Prefill tiles use it; decode keeps the even split,
-    which lets each core stream one contiguous part of the weights."""
+    """The next task index from a shared counter (`next_task.c`, linked into the library)."""
     return T.call_extern("int32", "llamac_next_task", T.address_of(counter[0]))
+
+
+@T.macro(hygienic=False)
+def for_each_task(n, body, workers=WORKERS, next_task=next_task):
+    """body(i) for every i < n over the cores: each of WORKERS parallel slots takes tasks from one shared counter until
+    they run out, so a core slowed down by other work takes fewer (a plain parallel loop splits them evenly, and the
+    others wait for the slowest core at its end). Prefill tiles and attention rows use it; decode keeps the even
+    split, which lets each core stream one contiguous part of the weights.
+
+    Macros are expanded where they are called. This one and each `body` are not hygienic, so that the body sees the
+    kernel's buffers; both take the constants and macros they need from where they are defined as default arguments
+    (the kernel may not name them); the names here (counter, claimed, slot) must not be the kernel's."""
+    counter = T.alloc_buffer((1,), "int32")
+    counter[0] = 0
+    for slot in T.parallel(workers):
+        claimed = T.alloc_buffer((1,), "int32")
+        claimed[0] = next_task(counter)
+        while T.Cast("int64", claimed[0]) < n:
+            body(T.Cast("int64", claimed[0]))
+            claimed[0] = next_task(counter)
 
 
 def tile_scope(rows: int) -> str:
@@ -100,6 +117,11 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
                     for l in T.vectorized(L):
                         y[r0 + t, (nb0 + p) * L + l] = acc[t, p, l]
 
+    @T.macro(hygienic=False)
+    def panel(nb, TB=TB, tile=tile):    # prefill: every row of weight panel nb, TB rows at a time
+        for sb in range((S + TB - 1) // TB):
+            tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
+
     @T.prim_func(private=True)
     def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
                      y_h: T.handle):
@@ -113,15 +135,7 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
             for nbo in T.parallel(NB // DG):
                 tile(x, w, sc, y, nbo * DG, T.int64(0), S, 1, DG)
         else:
-            cnt = T.alloc_buffer((1,), "int32")
-            cnt[0] = 0
-            for wk in T.parallel(WORKERS):
-                cur = T.alloc_buffer((1,), "int32")
-                cur[0] = next_task(cnt)
-                while cur[0] < NB:
-                    for sb in range((S + TB - 1) // TB):
-                        tile(x, w, sc, y, T.Cast("int64", cur[0]), sb * TB, S, TB, 1)
-                    cur[0] = next_task(cnt)
+            for_each_task(T.int64(NB), panel)
 
     return linear_dense
 
@@ -169,6 +183,11 @@ def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
                 for l in T.vectorized(L):
                     y[r0 + t, nb * L + l] = acc[t, l]
 
+    @T.macro(hygienic=False)
+    def panel(nb, tile=tile):   # prefill: every row of weight panel nb, ROWS rows at a time
+        for sb in range((S + ROWS - 1) // ROWS):
+            tile(x, w, sc, xs, y, nb, sb * ROWS, S, ROWS, 1)
+
     @T.prim_func(private=True)
     def linear_q4(x_h: T.handle, w: T.Buffer((NB, KW, L), "uint32"), sc: T.Buffer((NB, G, L), sdtype),
                   y_h: T.handle):
@@ -188,15 +207,7 @@ def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
             for nb in T.parallel(NB):
                 tile(x, w, sc, xs, y, nb, T.int64(0), S, 1, 2)
         else:
-            cnt = T.alloc_buffer((1,), "int32")
-            cnt[0] = 0
-            for wk in T.parallel(WORKERS):
-                cur = T.alloc_buffer((1,), "int32")
-                cur[0] = next_task(cnt)
-                while cur[0] < NB:
-                    for sb in range((S + ROWS - 1) // ROWS):
-                        tile(x, w, sc, xs, y, T.Cast("int64", cur[0]), sb * ROWS, S, ROWS, 1)
-                    cur[0] = next_task(cnt)
+            for_each_task(T.int64(NB), panel)
 
     return linear_q4
 
@@ -461,6 +472,10 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
                     out[0, h, r0 + t, d] = acc[t, d] / lsum[t]
 
 
+    @T.macro(hygienic=False)
+    def row_tile(hr, task=task):    # prefill: RB query rows of one kv head
+        task(q, k, v, vis, ext, out, kt, hr, R, S, total, False)
+
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k: T.Buffer((1, H, C, D), "float32"), v: T.Buffer((1, H, C, D), "float32"),
                   vis_h: T.handle, ext_h: T.handle, out_h: T.handle):
@@ -478,14 +493,7 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
         else:
             kt = T.alloc_buffer((H, D, (total + JB - 1) // JB * JB), "float32")
             transpose_keys(k, kt, total, H, C, D, JB)
-            cnt = T.alloc_buffer((1,), "int32")
-            cnt[0] = 0
-            for wk in T.parallel(WORKERS):
-                cur = T.alloc_buffer((1,), "int32")
-                cur[0] = next_task(cnt)
-                while T.Cast("int64", cur[0]) < H * ((R + RB - 1) // RB):
-                    task(q, k, v, vis, ext, out, kt, T.Cast("int64", cur[0]), R, S, total, False)
-                    cur[0] = next_task(cnt)
+            for_each_task(H * ((R + RB - 1) // RB), row_tile)
 
     return attention
 
