@@ -2,9 +2,9 @@
 
 Each generator returns a PrimFunc with static weight shapes and a symbolic token count, already scheduled (parallel
 outer loop, vectorized inner loop, accumulators in registers): the pipeline builds them as they are. Prefill tiles
-are handed out from a shared counter (`next_task`), so a core slowed down by other work takes fewer of them. The math of every
-kernel is the numpy math of `llamac.quantize.dequantize` (w = f32(code) * f32(scale)); only the order of additions
-differs, so the artifact computes what `llamac inspect --dequantize` writes.
+and attention rows are handed out from a shared counter (`for_each_task`). The math of every kernel is the numpy math
+of `llamac.quantize.dequantize` (w = f32(code) * f32(scale)); only the order of additions differs, so the artifact
+computes what `llamac inspect --dequantize` writes.
 
 - `linear`: y[1, S, N] = x[1, S, K] @ W, W in the packed layout of `quantize.pack`; dequantization happens in registers
   inside the loop (no f32 weight copy exists). One row (decode) reads several weight panels at once (one DRAM
