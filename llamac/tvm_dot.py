@@ -22,8 +22,8 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_interleave, dot_padded_k
-from llamac.tvm_kernels import for_each_task, tile_scope
 from llamac.targets import DOT_ISAS
+from llamac.tvm_kernels import for_each_task, tile_scope
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
 BLOCK = 32      # inputs per activation scale

@@ -26,8 +26,6 @@ OPAQUE = 8      # relax OpPatternKind kOpaque: FuseOps leaves these kernels alon
 LOW = -3.4028234663852886e38    # the graph's mask fill (float32 min): a row that sees no key averages all of them
 ROWS = 4        # prefill tile: rows sharing one dequantized weight vector (q8/q4)
 FLOAT_ROWS = 6  # f32/f16 prefill tile: 6 rows x 2 vectors = 12 accumulators, the most that fit 16 AVX registers
-
-
 WORKERS = 64    # slots of a parallel loop that takes its tasks from a shared counter (at least the core count)
 
 
@@ -470,7 +468,6 @@ def attention(kv_heads: int, capacity: int, head_dim: int):
             if r0 + t < R:
                 for d in T.vectorized(D):
                     out[0, h, r0 + t, d] = acc[t, d] / lsum[t]
-
 
     @T.macro(hygienic=False)
     def row_tile(hr, task=task):    # prefill: RB query rows of one kv head
