@@ -23,7 +23,7 @@ from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_interleave, dot_padded_k
 from llamac.targets import DOT_ISAS
-from llamac.tvm_kernels import for_each_task, tile_scope
+from llamac.tvm_kernels import for_each_chunk, for_each_task, tile_scope
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
 BLOCK = 32      # inputs per activation scale
@@ -223,6 +223,10 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
         for sb in range((S + TBP - 1) // TBP):
             tile(w, sc, xq32, dx, xs8, y, nt, sb * TBP, S, TBP, NTP)
 
+    @T.macro(hygienic=False)
+    def decode_tiles(nt, NTD=NTD, tile=tile):       # decode: channel tiles nt * NTD .., the one row
+        tile(w, sc, xq32, dx, xs8, y, nt, T.int64(0), S, 1, NTD)
+
     @T.prim_func(private=True)
     def linear_dot(x_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype),
                    sc: T.Buffer((NB // TI, G, 8 * TI), sdt), y_h: T.handle):
@@ -241,9 +245,8 @@ def linear(scheme: Scheme, k: int, n: int, isa: str):
         else:
             for r in T.parallel(S):
                 quantize_row(x, xq, dx, xs8, r)
-        if S == 1:      # decode: each core streams one contiguous half of the weights (tasks shared would interleave)
-            for nt in T.parallel(NB // NTD):
-                tile(w, sc, xq32, dx, xs8, y, nt, T.int64(0), S, 1, NTD)
+        if S == 1:
+            for_each_chunk(NB // NTD, decode_tiles)
         else:
             for_each_task(T.int64(NB // NTP), tiles)
 

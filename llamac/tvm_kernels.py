@@ -54,6 +54,30 @@ def for_each_task(n, body, workers=WORKERS, next_task=next_task):
             claimed[0] = next_task(counter)
 
 
+def next_chunk(counter, n, parts, chunk):
+    """chunk[0:2] = the next chunk [start, end) of n tasks from a shared counter (`next_task.c`)."""
+    return T.call_extern("int32", "llamac_next_chunk", T.address_of(counter[0]), n, parts, T.address_of(chunk[1]))
+
+
+@T.macro(hygienic=False)
+def for_each_chunk(n, body, workers=WORKERS, next_chunk=next_chunk):
+    """body(i) for every i < n over the cores, in contiguous chunks from one shared counter: each chunk is 1 / (2 x
+    threads) of the tasks left, so each core streams long runs of the weights and still none waits long for the
+    others at the end (a core that starts late or runs slow takes less). Decode uses it: there a plain parallel loop
+    left the main thread waiting for the worker at the end of every linear layer, and single tasks from a counter
+    (`for_each_task`) interleave the cores' weight streams (both slower). Same naming rules as `for_each_task`."""
+    chunk_counter = T.alloc_buffer((1,), "int32")
+    chunk_counter[0] = 0
+    parts = T.call_extern("int32", "llamac_threads") * 2    # here, on the launching thread (see next_task.c)
+    for chunk_slot in T.parallel(workers):
+        chunk = T.alloc_buffer((2,), "int32")
+        chunk[0] = next_chunk(chunk_counter, T.int32(n), parts, chunk)
+        while chunk[0] < n:
+            for chunk_task in range(chunk[0], chunk[1]):
+                body(T.Cast("int64", chunk_task))
+            chunk[0] = next_chunk(chunk_counter, T.int32(n), parts, chunk)
+
+
 def tile_scope(rows: int) -> str:
     """Storage of a linear tile's accumulators. TVM lowers "global" scratch of constant size under 1 KiB to a stack
     array that LLVM keeps in registers, and any "local" buffer to a heap workspace (an allocator call per task).
@@ -120,6 +144,10 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
         for sb in range((S + TB - 1) // TB):
             tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
 
+    @T.macro(hygienic=False)
+    def panels(nbo, DG=DG, tile=tile):   # decode: weight panels nbo * DG .., the one row
+        tile(x, w, sc, y, nbo * DG, T.int64(0), S, 1, DG)
+
     @T.prim_func(private=True)
     def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
                      y_h: T.handle):
@@ -130,8 +158,7 @@ def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: i
         x = T.decl_buffer((S, K), "float32", data=x3.data)
         y = T.decl_buffer((S, N), "float32", data=y3.data)
         if S == 1:
-            for nbo in T.parallel(NB // DG):
-                tile(x, w, sc, y, nbo * DG, T.int64(0), S, 1, DG)
+            for_each_chunk(NB // DG, panels)
         else:
             for_each_task(T.int64(NB), panel)
 
@@ -186,6 +213,10 @@ def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
         for sb in range((S + ROWS - 1) // ROWS):
             tile(x, w, sc, xs, y, nb, sb * ROWS, S, ROWS, 1)
 
+    @T.macro(hygienic=False)
+    def one_panel(nb, tile=tile):   # decode: weight panel nb, the one row
+        tile(x, w, sc, xs, y, nb, T.int64(0), S, 1, 2)
+
     @T.prim_func(private=True)
     def linear_q4(x_h: T.handle, w: T.Buffer((NB, KW, L), "uint32"), sc: T.Buffer((NB, G, L), sdtype),
                   y_h: T.handle):
@@ -202,8 +233,7 @@ def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
                 for e in range(T.min(GS, KW * 8 - g * GS)):
                     xs[r, g] = xs[r, g] + x[r, T.min(g * GS + e, K - 1)] * T.float32(8)
         if S == 1:
-            for nb in T.parallel(NB):
-                tile(x, w, sc, xs, y, nb, T.int64(0), S, 1, 2)
+            for_each_chunk(NB, one_panel)
         else:
             for_each_task(T.int64(NB), panel)
 

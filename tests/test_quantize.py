@@ -2,7 +2,8 @@
 dequantization (the same math `llamac inspect --dequantize` writes)."""
 from __future__ import annotations
 
-import contextlib
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -129,15 +130,32 @@ def test_embedding_kernel_is_numpy_dequantization(build, name):
     assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])
 
 
-@contextlib.contextmanager
-def _threads(tvm, n: int):
-    """TVM's thread pool at n threads for the duration (then back to its default)."""
-    config = tvm.get_global_func("runtime.config_threadpool")
-    config(0, n)
-    try:
-        yield
-    finally:
-        config(0, 0)
+def _on_threads(tvm, n: int, call):
+    """call() from a new thread whose TVM pool has n threads; returns its result. TVM keeps one pool per launching
+    thread, sized from TVM_NUM_THREADS when it starts: the pool of pytest's thread is already running at its
+    default size (half the cores on x86, so one thread on a 2-core machine)."""
+    result = {}
+
+    def run():
+        saved = os.environ.get("TVM_NUM_THREADS")
+        os.environ["TVM_NUM_THREADS"] = str(n)
+        try:
+            tvm.get_global_func("runtime.config_threadpool")(0, n)
+            result["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in pytest's thread
+            result["error"] = e
+        finally:
+            if saved is None:
+                os.environ.pop("TVM_NUM_THREADS", None)
+            else:
+                os.environ["TVM_NUM_THREADS"] = saved
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def _extents(visible: np.ndarray) -> np.ndarray:
@@ -194,9 +212,9 @@ def test_fused_attention_kernel_is_softmax_of_where_times_v(build, seq, total, d
     ext = _extents(visible)
     f, tvm = build(tvm_kernels.attention(heads, cap, d))
     out = tvm.runtime.tensor(np.full((1, heads, rows, d), np.nan, np.float32))
-    with _threads(tvm, 3):      # the tasks come from a shared counter: each must be done once
-        f(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(visible[None]),
-          tvm.runtime.tensor(ext), out)
+    _on_threads(tvm, 3, lambda: f(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v),
+                                  tvm.runtime.tensor(visible[None]), tvm.runtime.tensor(ext), out))
+    # the tasks come from a shared counter: each must be done once
     scores = q.astype(np.float64) @ k[:, :, :total].transpose(0, 1, 3, 2)
     w = np.where(visible[np.arange(rows) % seq][None, None], scores, np.finfo(np.float32).min)
     e = np.exp(w - w.max(-1, keepdims=True))
@@ -299,7 +317,7 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
     from llamac import tvm_dot, tvm_kernels
 
     s = get_scheme(name)
-    k, n = 64, 1024
+    k, n = 64, 4096     # decode: enough tasks for chunks of several
     qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
     if kernel == "dot":
         arrays, func = pack(qt, 8, "dot"), tvm_dot.linear(s, k, n, "avx2")
@@ -310,11 +328,26 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
     x = RNG.standard_normal((1, rows, k)).astype(np.float32)
     f, tvm = build_avx2(func)
     y = tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32))
-    with _threads(tvm, 3):
-        f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))),
-          tvm.runtime.tensor(arrays.get("scale", np.zeros((1, 1, 1), np.float32))), y)
+    _on_threads(tvm, 3, lambda: f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))),
+                                  tvm.runtime.tensor(arrays.get("scale", np.zeros((1, 1, 1), np.float32))), y))
     expected = ref(x[0]) @ dequantize(qt).astype(np.float64)
     assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernels_see_the_thread_pool_size(build_avx2, threads):
+    """Decode chunks are 1 / (2 x threads) of the tasks left: the kernels' helper reads the pool size from the TVM
+    runtime (a weak symbol; were it not found, every pool would look like one thread)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def pool_size(out: T.Buffer((1,), "int32")):
+        out[0] = T.call_extern("int32", "llamac_threads")
+
+    f, tvm = build_avx2(pool_size)
+    out = tvm.runtime.tensor(np.zeros(1, np.int32))
+    _on_threads(tvm, threads, lambda: f(out))
+    assert out.numpy()[0] == threads
 
 
 @pytest.mark.parametrize("name", ["q8", "q4"])
