@@ -2,9 +2,9 @@
 
 Each generator returns a PrimFunc with static weight shapes and a symbolic token count, already scheduled (parallel
 outer loop, vectorized inner loop, accumulators in registers): the pipeline builds them as they are. Prefill tiles
-and attention rows are handed out from a shared counter (`for_each_task`). The math of every kernel is the numpy math
-of `llamac.quantize.dequantize` (w = f32(code) * f32(scale)); only the order of additions differs, so the artifact
-computes what `llamac inspect --dequantize` writes.
+and attention rows are handed out from a shared counter (`for_each_task`), decode tiles in chunks (`for_each_chunk`).
+The math of every kernel is the numpy math of `llamac.quantize.dequantize` (w = f32(code) * f32(scale)); only the
+order of additions differs, so the artifact computes what `llamac inspect --dequantize` writes.
 
 - `linear`: y[1, S, N] = x[1, S, K] @ W, W in the packed layout of `quantize.pack`; dequantization happens in registers
   inside the loop (no f32 weight copy exists). One row (decode) reads several weight panels at once (one DRAM
@@ -38,8 +38,8 @@ def next_task(counter):
 def for_each_task(n, body, workers=WORKERS, next_task=next_task):
     """body(i) for every i < n over the cores: each of WORKERS parallel slots takes tasks from one shared counter until
     they run out, so a core slowed down by other work takes fewer (a plain parallel loop splits them evenly, and the
-    others wait for the slowest core at its end). Prefill tiles and attention rows use it; decode keeps the even
-    split, which lets each core stream one contiguous part of the weights.
+    others wait for the slowest core at its end). Prefill tiles and attention rows use it; decode takes chunks
+    (`for_each_chunk`), which keep each core's weight stream contiguous.
 
     Macros are expanded where they are called. This one and each `body` are not hygienic, so that the body sees the
     kernel's buffers; both take the constants and macros they need from where they are defined as default arguments
