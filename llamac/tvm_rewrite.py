@@ -215,6 +215,8 @@ class _StepRewriter(relax.PyExprMutator):
         self.ids = dict(zip(imported.param_names, func.params))["input_ids"]
         self.masks: list = []          # (mask expr, its [1, seq, total] view, key extents): shared by all layers
         self.score_masks = self._score_masks(func)
+        self.siblings = self._sibling_linears(func)     # call -> the calls that share its input and kernel
+        self.sibling_out: dict = {}    # call -> its output, once its group is emitted
 
     # ---- driving
     def rewrite_body(self, func: relax.Function) -> relax.Expr:
@@ -320,6 +322,29 @@ class _StepRewriter(relax.PyExprMutator):
         self.masks.append((cond, c3, ext))
         return c3, ext
 
+    def _sibling_linears(self, func) -> dict:
+        """Dot-layout linear layers on the same [1, seq, K] input with the same scheme (q, k, v; gate, up), up to three
+        per group: each group becomes one kernel (`tvm_dot.linear_group`), one thread-pool launch instead of one per
+        weight. The lm_head stays alone (its input is sliced to the last position)."""
+        groups: dict = {}
+        for b in _bindings(func):
+            call = b.value
+            if not _call_op(call, "matmul") or call.same_as(self.logits_call) or not self.isa:
+                continue
+            w, x = call.args[1], call.args[0]
+            pw = self.packed.get(self.by_var.get(w)) if w in self.by_var else None
+            shape = list(x.ty.shape.values) if isinstance(x, relax.Var) and x.ty.shape is not None else []
+            if pw is None or pw.layout != "dot" or len(shape) != 3 or not _equal(shape[0], 1):
+                continue
+            groups.setdefault((x, pw.scheme.name, pw.k), []).append(call)
+        siblings = {}
+        for calls in groups.values():
+            for i in range(0, len(calls), 3):
+                group = calls[i:i + 3]
+                if len(group) > 1:
+                    siblings.update({c: group for c in group})
+        return siblings
+
     def _kernel(self, key, make):
         if key not in self.kernels:
             self.kernels[key] = self.builder_.add_func(make(), f"{key[0]}_{len(self.kernels)}")
@@ -424,6 +449,10 @@ class _StepRewriter(relax.PyExprMutator):
         return self._like(relax.op.reshape(out, out_shape), call)
 
     def _linear(self, call, pw: PackedWeight):
+        if call in self.siblings:
+            if call not in self.sibling_out:
+                self._linear_group(self.siblings[call])
+            return self.sibling_out[call]
         x = self._f32(self.visit_expr(call.args[0]))
         xshape = list(x.ty.shape.values)
         if call.same_as(self.logits_call) and isinstance(self.seq, int) and self.seq == 1:
@@ -448,6 +477,18 @@ class _StepRewriter(relax.PyExprMutator):
         if x3 is not x:
             y = relax.op.reshape(self._emit(y), xshape[:-1] + [pw.n])
         return self._like(y, call)
+
+    def _linear_group(self, calls: list) -> None:
+        pws = [self.packed[self.by_var[c.args[1]]] for c in calls]
+        ns = tuple(pw.n for pw in pws)
+        x = self._f32(self.visit_expr(calls[0].args[0]))
+        rows = list(x.ty.shape.values)[1]
+        gv = self._kernel(("linear-dot", pws[0].scheme.name, pws[0].k) + ns,
+                          lambda: tvm_dot.linear_group(pws[0].scheme, pws[0].k, ns, self.isa))
+        args = [x] + [a for pw in pws for a in (self.weight_vars[pw.name]["q"], self.weight_vars[pw.name]["scale"])]
+        out = self._emit(relax.call_tir(gv, args, [relax.TensorType([1, rows, n], "float32") for n in ns]))
+        for i, c in enumerate(calls):
+            self.sibling_out[c] = self._like(self._emit(relax.TupleGetItem(out, i)), c)
 
     def _masked_softmax(self, call):
         """softmax(where(visible, scores, very low), axis=-1) -> one kernel (the graph's version materializes the

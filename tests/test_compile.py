@@ -84,6 +84,32 @@ def test_attention_reads_key_extents_from_the_mask(mask_found, root, tmp_path, m
         assert rel_err(g, r) < TOL, f"step {n}"
 
 
+def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
+    """On a dot target, q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per
+    layer and the lm_head, in both step functions (the results are checked against transformers above)."""
+    import tvm
+    from tvm import relax
+
+    from llamac import tvm_rewrite
+
+    plans = []
+    real = tvm_rewrite.rewrite
+    monkeypatch.setattr(tvm_rewrite, "rewrite", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    _, export_dir = exported(root, "llama3_gqa_tied")
+    art = compile_tiny(export_dir, tmp_path / "art", "x86_64-avx2", "q4")
+    layers = json.loads((art / "manifest.json").read_text())["model"]["num_hidden_layers"]
+    mod = plans[0].mod
+    for fname in ("main", "decode"):
+        outputs = []
+        for block in mod[fname].body.blocks:
+            for b in block.bindings:
+                v = b.value
+                if isinstance(v, relax.Call) and v.op.name == "relax.call_tir" and \
+                        v.args[0].name_hint.startswith("linear-dot"):
+                    outputs.append(len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
+        assert sorted(outputs) == sorted([3, 1, 2, 1] * layers + [1]), fname
+
+
 def test_q4_weights_size_and_inspect(root):
     art = compiled(root, "llama3_gqa_tied", "q4")
     m = json.loads((art / "manifest.json").read_text())

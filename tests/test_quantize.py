@@ -334,6 +334,28 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
     assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("name", ["q4", "q8"])
+@pytest.mark.parametrize("ns", [(1024, 256, 256), (704, 704)])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_linear_group_kernel_is_one_linear_per_weight(build_avx2, name, ns, rows):
+    """Sibling linear layers (q, k, v; gate, up) in one kernel: each output is x @ W_i with the int8 activations, every
+    tile written once (outputs start as NaN), on 3 threads."""
+    from llamac import tvm_dot
+
+    s = get_scheme(name)
+    k = 96
+    qts = [quantize(RNG.standard_normal((k, n)).astype(np.float32), s) for n in ns]
+    arrays = [pack(qt, 8, "dot") for qt in qts]
+    x = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    f, tvm = build_avx2(tvm_dot.linear_group(s, k, ns, "avx2"))
+    ys = [tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32)) for n in ns]
+    weights = [tvm.runtime.tensor(a[key]) for a in arrays for key in ("q", "scale")]
+    _on_threads(tvm, 3, lambda: f(tvm.runtime.tensor(x), *weights, *ys))
+    for y, qt in zip(ys, qts):
+        expected = q8_activations(x[0]) @ dequantize(qt).astype(np.float64)
+        assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernels_see_the_thread_pool_size(build_avx2, threads):
     """Decode chunks are 1 / (2 x threads) of the tasks left: the kernels' helper reads the pool size from the TVM
