@@ -283,6 +283,7 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str):
         return NB[o] // TI[o], G, 8 * TI[o]
 
     attrs = {"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE}
+    # TVMScript takes a fixed parameter list: one signature per weight count, the same body
     if len(ns) == 1:
         @T.prim_func(private=True)
         def linear_dot(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt), y_h: T.handle):
