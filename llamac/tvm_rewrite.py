@@ -326,10 +326,12 @@ class _StepRewriter(relax.PyExprMutator):
         """Dot-layout linear layers on the same [1, seq, K] input with the same scheme (q, k, v; gate, up), up to three
         per group: each group becomes one kernel (`tvm_dot.linear_group`), one thread-pool launch instead of one per
         weight. The lm_head stays alone (its input is sliced to the last position)."""
+        if not self.isa:
+            return {}
         groups: dict = {}
         for b in _bindings(func):
             call = b.value
-            if not _call_op(call, "matmul") or call.same_as(self.logits_call) or not self.isa:
+            if not _call_op(call, "matmul") or call.same_as(self.logits_call):
                 continue
             w, x = call.args[1], call.args[0]
             pw = self.packed.get(self.by_var.get(w)) if w in self.by_var else None

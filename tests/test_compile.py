@@ -87,7 +87,6 @@ def test_attention_reads_key_extents_from_the_mask(mask_found, root, tmp_path, m
 def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
     """On a dot target, q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per
     layer and the lm_head, in both step functions (the results are checked against transformers above)."""
-    import tvm
     from tvm import relax
 
     from llamac import tvm_rewrite

@@ -212,9 +212,9 @@ def test_fused_attention_kernel_is_softmax_of_where_times_v(build, seq, total, d
     ext = _extents(visible)
     f, tvm = build(tvm_kernels.attention(heads, cap, d))
     out = tvm.runtime.tensor(np.full((1, heads, rows, d), np.nan, np.float32))
+    # the tasks come from a shared counter: each must be done once
     _on_threads(tvm, 3, lambda: f(tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v),
                                   tvm.runtime.tensor(visible[None]), tvm.runtime.tensor(ext), out))
-    # the tasks come from a shared counter: each must be done once
     scores = q.astype(np.float64) @ k[:, :, :total].transpose(0, 1, 3, 2)
     w = np.where(visible[np.arange(rows) % seq][None, None], scores, np.finfo(np.float32).min)
     e = np.exp(w - w.max(-1, keepdims=True))
