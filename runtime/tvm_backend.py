@@ -1,7 +1,7 @@
 """Run a compiled artifact with TVM's runtime library only (no compiler, no onnx, no torch).
 
 An artifact directory holds manifest.json, the compiled step function (model.so), the packed weights (weights.bin,
-memory-mapped) and the tokenizer. Before anything runs, the manifest's format version and the sha256 of every file
+read into huge pages or memory-mapped: `map_weights`) and the tokenizer. Before anything runs, the manifest's format version and the sha256 of every file
 it lists are checked: a tampered or truncated artifact is refused with an InputError.
 
 The step function is main(input_ids [1, S], attention_mask [1, T], position_ids [1, S], cache_k_0, cache_v_0, ...,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ FORMAT = "llamac-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PREFILL_CHUNK = 256     # prompt tokens per step call: bounds the [heads, chunk, context] attention temporaries
+HUGE_PAGE = 2 << 20
 _HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
@@ -79,6 +81,40 @@ def verify_files(path: Path, manifest: dict) -> None:
             raise InputError(f"{path}: {name} is missing")
         if f.stat().st_size != info.get("size") or sha256_file(f) != info.get("sha256"):
             raise InputError(f"{path}: {name} does not match its checksum (corrupt or modified artifact)")
+
+
+def _huge_pages_offered() -> bool:
+    """Whether Linux backs an anonymous region that asks for it with transparent huge pages ('always', 'madvise')."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def map_weights(file: Path) -> np.ndarray:
+    """The weights file as a writable uint8 array (DLPack refuses read-only memory).
+
+    Decode reads every weight once per token. Where Linux offers transparent huge pages, the file is read into
+    anonymous memory that asks for 2 MiB pages: through the file's 4 KiB pages every 4 KiB of weights costs a TLB
+    miss, and decode of the 123M model ran 3 % faster at q4 and 4.6 % at q8 (interleaved A/B). Elsewhere, or with
+    LLAMAC_WEIGHTS=mmap, a copy-on-write map of the file: pages come from the page cache and are never written."""
+    size = file.stat().st_size
+    if os.environ.get("LLAMAC_WEIGHTS") == "mmap" or size < HUGE_PAGE or not _huge_pages_offered():
+        return np.memmap(file, dtype=np.uint8, mode="c")
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    whole = np.frombuffer(region, dtype=np.uint8)       # keeps the region alive
+    start = -whole.ctypes.data % HUGE_PAGE              # huge pages need 2 MiB-aligned ranges
+    blob = whole[start:start + size]
+    view, done = memoryview(blob), 0
+    with open(file, "rb") as fh:
+        while done < size:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise InputError(f"{file}: shorter than its {size} bytes while reading")
+            done += n
+    return blob
 
 
 def _import_tvm_runtime():
@@ -145,8 +181,7 @@ class TVMModel:
 
     def _load_weights(self, w: dict):
         tvm = self._tvm
-        # copy-on-write map: pages come from the page cache until touched (they never are) and DLPack accepts it
-        blob = np.memmap(self.path / w["file"], dtype=np.uint8, mode="c")
+        blob = map_weights(self.path / w["file"])
         tensors = []
         for t in w["tensors"]:
             count = int(np.prod(t["shape"])) if t["shape"] else 1

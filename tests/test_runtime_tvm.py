@@ -13,6 +13,7 @@ from llamac.compiler import compile_model
 from llamac.errors import InputError
 from llamac.export.exporter import export
 from llamac.runtime import load
+from llamac.runtime.tvm_backend import HUGE_PAGE, _huge_pages_offered, map_weights
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -65,3 +66,32 @@ def test_tampered_or_newer_artifact_is_refused(tmp_path):
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="version|newer|format"):
         load(art)
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address` (from /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the weights")
+
+
+def test_weights_sit_in_huge_pages_where_linux_offers_them(tmp_path, monkeypatch):
+    data = np.random.default_rng(0).integers(0, 256, (6 << 20) + 123, dtype=np.uint8)
+    f = tmp_path / "weights.bin"
+    data.tofile(f)
+    blob = map_weights(f)
+    assert np.array_equal(blob, data) and blob.flags.writeable
+    if _huge_pages_offered():
+        assert not isinstance(blob, np.memmap) and blob.ctypes.data % HUGE_PAGE == 0
+        assert _anon_huge_kib(blob.ctypes.data) >= 4096     # 2 of the 3 whole 2 MiB pages, at least
+    else:
+        assert isinstance(blob, np.memmap)
+    monkeypatch.setenv("LLAMAC_WEIGHTS", "mmap")
+    mapped = map_weights(f)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, data)
