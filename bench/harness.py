@@ -45,11 +45,13 @@ BW_SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <omp.h>
+#include <sys/mman.h>
 /* Streaming read of a 1 GiB float array by all OpenMP threads; prints the best pass in GB/s. Each thread reads its
    share as S streams in lockstep, S = 1, 2, 4, 8, and the best of all is the figure: one stream per core does not
    keep enough reads in flight on every CPU (llamac's decode kernels read several), and a roofline must be what the
    memory can deliver. GCC vector types (32 bytes: AVX on x86, two NEON registers on ARM) and four accumulators,
-   so the loop is bound by memory, not by add latency. */
+   so the loop is bound by memory, not by add latency. The array asks for transparent huge pages, as llamac's
+   runtime does for its weights. */
 typedef float v8 __attribute__((vector_size(32)));
 #define PASS(S) {                                                                                    \
     int t = omp_get_thread_num(), nt = omp_get_num_threads();                                        \
@@ -66,7 +68,10 @@ typedef float v8 __attribute__((vector_size(32)));
 }
 int main(int argc, char **argv) {
     size_t n = (size_t)1 << 28; int passes = argc > 1 ? atoi(argv[1]) : 8;
-    v8 *a = aligned_alloc(64, n * sizeof(float));
+    v8 *a = aligned_alloc(1 << 21, n * sizeof(float));
+#ifdef MADV_HUGEPAGE
+    madvise(a, n * sizeof(float), MADV_HUGEPAGE);
+#endif
     size_t nv = n / 8;
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < nv; i++) a[i] = (v8){1, 2, 3, 4, 5, 6, 7, 8};

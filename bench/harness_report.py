@@ -62,8 +62,8 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
         "'other procs' column (CPU used by everything else during the run, from /proc/stat) is the cleaner signal. "
         "This machine is shared with other jobs: a run during which others held a core understates that peer "
         "(2-thread runs collapse when a core is taken), so compare rows whose 'other procs' figure is near 0.",
-        f"- Memory bandwidth, measured in the same session ({t} threads, streaming read of 1 GiB in 1-8 streams per "
-        f"thread, best pass, once per round): best {_f(bw)} GB/s (rounds: {', '.join(_f(x) for x in res.get('bandwidth_gbs', []))}). Decode "
+        f"- Memory bandwidth, measured in the same session ({t} threads, streaming read of 1 GiB in huge pages, 1-8 "
+        f"streams per thread, best pass, once per round): best {_f(bw)} GB/s (rounds: {', '.join(_f(x) for x in res.get('bandwidth_gbs', []))}). Decode "
         "roofline = bandwidth / weight bytes read per token (lm_head once; the KV cache, under 1 MB/token here, "
         "left out); % of roofline uses the best tg.",
         "",
