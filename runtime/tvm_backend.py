@@ -92,15 +92,28 @@ def _huge_pages_offered() -> bool:
     return "[never]" not in mode and hasattr(mmap, "MADV_HUGEPAGE")
 
 
+def _mem_available() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or 0 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def map_weights(file: Path) -> np.ndarray:
     """The weights file as a writable uint8 array (DLPack refuses read-only memory).
 
     Decode reads every weight once per token. Where Linux offers transparent huge pages, the file is read into
     anonymous memory that asks for 2 MiB pages: through the file's 4 KiB pages every 4 KiB of weights costs a TLB
-    miss, and decode of the 123M model ran 3 % faster at q4 and 4.6 % at q8 (interleaved A/B). Elsewhere, or with
+    miss, and decode of the 123M model ran 3 % faster at q4 and 4.6 % at q8 (interleaved A/B). Elsewhere, when the
+    copy would take more than 3/4 of the available memory (a model that only fits by paging from its file), or with
     LLAMAC_WEIGHTS=mmap, a copy-on-write map of the file: pages come from the page cache and are never written."""
     size = file.stat().st_size
-    if os.environ.get("LLAMAC_WEIGHTS") == "mmap" or size < HUGE_PAGE or not _huge_pages_offered():
+    if (os.environ.get("LLAMAC_WEIGHTS") == "mmap" or size < HUGE_PAGE or not _huge_pages_offered()
+            or size > _mem_available() * 3 // 4):
         return np.memmap(file, dtype=np.uint8, mode="c")
     region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)

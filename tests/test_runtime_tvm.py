@@ -12,7 +12,7 @@ from test_runtime_onnx import PROMPT, hf_greedy
 from llamac.compiler import compile_model
 from llamac.errors import InputError
 from llamac.export.exporter import export
-from llamac.runtime import load
+from llamac.runtime import load, tvm_backend
 from llamac.runtime.tvm_backend import HUGE_PAGE, _huge_pages_offered, map_weights
 
 
@@ -92,6 +92,9 @@ def test_weights_sit_in_huge_pages_where_linux_offers_them(tmp_path, monkeypatch
         assert _anon_huge_kib(blob.ctypes.data) >= 4096     # 2 of the 3 whole 2 MiB pages, at least
     else:
         assert isinstance(blob, np.memmap)
+    monkeypatch.setattr(tvm_backend, "_mem_available", lambda: 6 << 20)     # the copy would not fit: map the file
+    assert isinstance(map_weights(f), np.memmap)
+    monkeypatch.undo()
     monkeypatch.setenv("LLAMAC_WEIGHTS", "mmap")
     mapped = map_weights(f)
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, data)
