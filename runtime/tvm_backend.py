@@ -1,8 +1,9 @@
 """Run a compiled artifact with TVM's runtime library only (no compiler, no onnx, no torch).
 
 An artifact directory holds manifest.json, the compiled step function (model.so), the packed weights (weights.bin,
-read into huge pages or memory-mapped: `map_weights`) and the tokenizer. Before anything runs, the manifest's format version and the sha256 of every file
-it lists are checked: a tampered or truncated artifact is refused with an InputError.
+read into huge pages or memory-mapped: `map_weights`) and the tokenizer. Before anything runs, the manifest's format
+version and the sha256 of every file it lists are checked: a tampered or truncated artifact is refused with an
+InputError.
 
 The step function is main(input_ids [1, S], attention_mask [1, T], position_ids [1, S], cache_k_0, cache_v_0, ...,
 params) -> logits [1, 1, vocab]. The caches are fixed-capacity buffers [1, kv_heads, max_seq_len, head_dim] that the
