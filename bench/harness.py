@@ -421,7 +421,8 @@ def main() -> None:
                 busy, waited = gate(a.gate, a.gate_wait) if a.gate_wait > 0 else (None, 0.0)
                 try:
                     r = measured_run(w, timeout=900, idle=[x for x in workers if x is not w])
-                    r.update(gate_busy_cores=None if busy is None else round(busy, 2), gate_waited_s=round(waited, 1))
+                    r.update(gate_busy_cores=None if busy is None else round(busy, 2), gate_waited_s=round(waited, 1),
+                             round=rnd)
                 except Exception as e:
                     res["rows"][key]["error"] = f"failed in round {rnd + 1}: {e}"
                     continue
@@ -442,6 +443,9 @@ def main() -> None:
             if bw and row.get("bytes_per_token"):
                 row["roofline_tok_s"] = bw * 1e9 / row["bytes_per_token"]
                 row["roofline_share"] = row["tg_best"] / row["roofline_tok_s"]
+                # each run against the bandwidth of its own round: how much the best-of-rounds bar owes to one round
+                row["roofline_round_shares"] = [
+                    r["tg"] * row["bytes_per_token"] / (res["bandwidth_gbs"][r["round"]] * 1e9) for r in rs]
 
     if not a.no_cli_check and (not only or "llamac" in only):
         res["llamac_bench_cli"] = {}
