@@ -334,7 +334,7 @@ class _StepRewriter(relax.PyExprMutator):
             if not _call_op(call, "matmul") or call.same_as(self.logits_call):
                 continue
             w, x = call.args[1], call.args[0]
-            pw = self.packed.get(self.by_var.get(w)) if w in self.by_var else None
+            pw = self.packed.get(self.by_var.get(w))
             shape = list(x.ty.shape.values) if isinstance(x, relax.Var) and x.ty.shape is not None else []
             if pw is None or pw.layout != "dot" or len(shape) != 3 or not _equal(shape[0], 1):
                 continue
