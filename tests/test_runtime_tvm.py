@@ -49,6 +49,26 @@ def test_thousand_decode_steps_keep_memory_flat_and_logits_intact(tmp_path):
     assert rss[1] - rss[0] < 2 * 2**20, f"RSS grew by {(rss[1] - rss[0]) / 2**20:.1f} MiB over 900 decode steps"
 
 
+def test_decode_checks_its_token_and_the_context_like_a_prompt(tmp_path):
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    art = compile_model(tmp_path / "hf", "x86_64", quant="q8", max_seq_len=6, out=tmp_path / "art", progress=False)
+    model = load(art)
+    vocab = model.config.vocab_size
+    fast, plain = model.session(), model.session()
+    fast.prefill([1, 2, 3])
+    plain.prefill([1, 2, 3])
+    for bad in (-1, vocab, np.int64(vocab)):
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            fast.decode(bad)
+    assert fast.n_past == 3
+    for token in (np.int32(5), 7, True):
+        assert np.array_equal(fast.decode(token), plain.prefill([int(token)]))
+    assert fast.n_past == plain.n_past == 6
+    with pytest.raises(InputError, match="exceed the context of 6"):
+        fast.decode(1)
+    assert fast.n_past == 6
+
+
 def test_tampered_or_newer_artifact_is_refused(tmp_path):
     make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
     art = compile_model(tmp_path / "hf", "x86_64", quant="q8", out=tmp_path / "art", progress=False)
