@@ -16,6 +16,50 @@ from llamac.tvm_schedule import ScheduleCPU
 KERNEL_HELPER = Path(__file__).with_name("next_task.c")
 
 
+@relax.expr_functor.mutator
+class _UnitAxisTransposes(relax.PyExprMutator):
+    """A transpose that moves only size-1 axes leaves every element where it was: emit it as a reshape, and a
+    reshape of a reshape as one, which RewriteDataflowReshape turns into a view (a chain of them would be fused
+    into a copy kernel). At decode (seq = 1) the attention's head transposes are such: three copies per layer."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.builder_.normalize(super().visit_call_(call))
+        if _is_op(call, "relax.permute_dims") and _moves_unit_axes_only(call):
+            return self._reshape(call.args[0], call.ty.shape)
+        if _is_op(call, "relax.reshape"):
+            return self._reshape(call.args[0], call.ty.shape)
+        return call
+
+    def _reshape(self, x: relax.Expr, shape) -> relax.Expr:
+        source = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+        if source is not None and _is_op(source, "relax.reshape"):
+            x = source.args[0]
+        return relax.op.reshape(x, shape)
+
+
+def _is_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _moves_unit_axes_only(call: relax.Call) -> bool:
+    shape = call.args[0].ty.shape
+    if not isinstance(shape, relax.ShapeExpr):
+        return False
+    dims = list(shape.values)
+    axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else list(range(len(dims)))[::-1]
+    kept = [a for a in axes if not (isinstance(dims[a], tvm.tirx.IntImm) and dims[a].value == 1)]
+    return kept == sorted(kept)
+
+
+@tvm.transform.module_pass(opt_level=0, name="UnitAxisTransposesToReshapes")
+def unit_axis_transposes_to_reshapes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    mutator = _UnitAxisTransposes(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def pipeline(vector_lanes: int) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="LlamacPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -23,6 +67,7 @@ def pipeline(vector_lanes: int) -> tvm.transform.Pass:
             relax.transform.BundleModelParams("params"),   # weights arrive as one tuple argument
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),              # cumsum (the attention mask) -> TIR scan
+            unit_axis_transposes_to_reshapes,
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,28 @@ def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
                         v.args[0].name_hint.startswith("linear-dot"):
                     outputs.append(len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
         assert sorted(outputs) == sorted([3, 1, 2, 1] * layers + [1]), fname
+
+
+def test_decode_step_moves_heads_without_copy_kernels(root, tmp_path):
+    """At seq = 1 the attention's head transposes move only size-1 axes: the decode step runs them as views, while
+    the prefill step, where they do move data, keeps its transpose kernels (results: checked above)."""
+    from tvm import relax, runtime
+
+    _, export_dir = exported(root, "llama3_gqa_tied")
+    art = compile_tiny(export_dir, tmp_path / "art", "x86_64", "q8")
+    text = relax.VMExecutable(runtime.load_module(str(art / "model.so"))).as_text()
+    called = {}
+    for line in text.splitlines():
+        if line.startswith("@") and line.endswith(":"):
+            called[fname := line[1:-1]] = set()
+        elif line.strip().startswith("call "):
+            called[fname].add(line.split()[1])
+
+    def copies(fname):      # kernels made only of transposes and reshapes
+        return [k for k in called[fname] if set(re.findall("[a-z]+", k.removeprefix("fused_"))) <= {"transpose",
+                                                                                                  "reshape"}]
+    assert copies("main") and not copies("decode"), called["decode"]
+    assert not [k for k in called["decode"] if "transpose" in k], called["decode"]
 
 
 def test_q4_weights_size_and_inspect(root):
