@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto
 from tqdm import tqdm
 
-from llamac.errors import InputError
+from llamac.errors import InputError, refuse_replacing_source
 
 from . import graph
 from .checkpoint import open_checkpoint
@@ -31,6 +31,7 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     out = Path(out)
+    refuse_replacing_source(out, src)
     if out.exists() and not force:
         raise InputError(f"{out} already exists (pass --force to replace it)")
     ckpt = open_checkpoint(Path(src), tokenizer)

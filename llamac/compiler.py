@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llamac import __version__, artifact
-from llamac.errors import InputError
+from llamac.errors import InputError, refuse_replacing_source
 from llamac.quantize import Scheme, get_scheme, pack, quantize
 from llamac.targets import Target, load_target
 
@@ -31,6 +31,7 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
     cc = tgt.check_buildable()
     scheme = _scheme(quant, group_size)
     src, out = Path(src), Path(out)
+    refuse_replacing_source(out, src)
     with tempfile.TemporaryDirectory(prefix="llamac-compile-") as work, artifact.staging(out, force) as tmp:
         is_export = (src / "model.onnx").is_file()
         with stage("export: " + ("SRC is an export directory, used as is" if is_export else f"{src.name} -> ONNX")):

@@ -7,3 +7,12 @@ The CLI prints its message as a single line and exits with code 2; any other exc
 
 class InputError(Exception):
     """Bad input: a missing file, a malformed checkpoint, an unknown target. Message is one line for the user."""
+
+
+def refuse_replacing_source(out, src) -> None:
+    """Bad input: an output directory that is the source, or holds it (--force would replace it, source and all)."""
+    from pathlib import Path
+
+    out, src = Path(out).resolve(), Path(src).resolve()
+    if out == src or out in src.parents:
+        raise InputError(f"output {out} would replace the source {src}: choose another output directory")

@@ -284,6 +284,26 @@ def test_existing_output_needs_force(root, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("step", ["export", "compile"])
+@pytest.mark.parametrize("where", ["the source", "its parent"])
+def test_output_that_would_replace_the_source_is_refused_even_with_force(step, where, root, tmp_path):
+    import shutil
+
+    from llamac.export.exporter import export
+
+    exported(root, "llama2_mha")
+    src = tmp_path / "ckpt" / "model"
+    shutil.copytree(root / "llama2_mha" / "hf", src)
+    before = sorted(p.name for p in src.iterdir())
+    out = src if where == "the source" else src.parent
+    with pytest.raises(InputError, match="would replace the source"):
+        if step == "export":
+            export(src, out, force=True, progress=False)
+        else:
+            compile_tiny(src, out, "x86_64", "q8", force=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
 def test_android_needs_ndk(root, tmp_path, monkeypatch):
     for var in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK"):
         monkeypatch.delenv(var, raising=False)
