@@ -131,6 +131,35 @@ def map_weights(file: Path) -> np.ndarray:
     return blob
 
 
+# LLVM target features -> the flag Linux lists for them in /proc/cpuinfo ("flags" on x86, "Features" on arm64)
+_CPUINFO_FLAG = {"+avx2": "avx2", "+fma": "fma", "+f16c": "f16c", "+avx512f": "avx512f", "+avx512bw": "avx512bw",
+                 "+avx512dq": "avx512dq", "+avx512vl": "avx512vl", "+avx512vnni": "avx512_vnni",
+                 "+avxvnni": "avx_vnni", "+neon": "asimd", "+dotprod": "asimddp", "+fullfp16": "asimdhp",
+                 "+crc": "crc32"}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def missing_cpu_features(mattr: Sequence[str], arch: str) -> list[str]:
+    """The target features an artifact for `arch` was compiled with that this CPU does not report (running its
+    kernels would die of SIGILL). Empty where /proc/cpuinfo cannot tell: another OS, or an emulator (qemu-user shows
+    the host's cpuinfo, x86 "flags" under an aarch64 guest)."""
+    key_for_arch = {"x86_64": "flags", "aarch64": "Features"}.get(arch)
+    flags: set[str] = set()
+    for line in _cpuinfo().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == key_for_arch:
+            flags.update(value.split())
+    if not flags:
+        return []
+    return [f.lstrip("+") for f in mattr if f in _CPUINFO_FLAG and _CPUINFO_FLAG[f] not in flags]
+
+
 def _import_tvm_runtime():
     """Import TVM with only libtvm_runtime loaded. tvm_ffi imports torch when it is installed (5 s, 1 GB): hide it
     for the duration of the import, since nothing here exchanges tensors with torch."""
@@ -171,6 +200,10 @@ class TVMModel:
         if arch != host:
             raise InputError(f"{self.path}: artifact is for {arch} ({m['target'].get('name')}); this machine is "
                              f"{host} (run it there, or with --emulate)")
+        missing = missing_cpu_features(m["target"].get("mattr", []), arch)
+        if missing:
+            raise InputError(f"{self.path}: artifact is for {m['target'].get('name')}, which needs CPU features this "
+                             f"machine lacks ({', '.join(missing)}); compile it for another --target")
         self.config = ModelConfig.from_hf_dict(m["model"])
         self.max_seq_len = int(m["max_seq_len"])
         # TVM's default pool on x86 is half the CPUs (it assumes hyper-threads): ask for every usable core

@@ -69,6 +69,33 @@ def test_decode_checks_its_token_and_the_context_like_a_prompt(tmp_path):
     assert fast.n_past == 6
 
 
+X86_NO_AVX512 = "processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c\n"
+ARM64_NO_DOT = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+
+
+@pytest.mark.parametrize("cpuinfo, arch, mattr, missing", [
+    (X86_NO_AVX512, "x86_64", ["+avx2", "+fma", "+f16c"], []),
+    (X86_NO_AVX512, "x86_64", ["+avx2", "+avx512f", "+avx512bw", "+fma"], ["avx512f", "avx512bw"]),
+    (ARM64_NO_DOT, "aarch64", ["+neon", "+crc"], []),
+    (ARM64_NO_DOT, "aarch64", ["+neon", "+dotprod", "+fullfp16"], ["dotprod", "fullfp16"]),
+    (X86_NO_AVX512, "aarch64", ["+neon", "+dotprod"], []),     # qemu-user shows the x86 host's cpuinfo: no verdict
+    ("", "x86_64", ["+avx512f"], []),                          # no cpuinfo (another OS): no verdict
+])
+def test_missing_cpu_features_reads_linux_flags(cpuinfo, arch, mattr, missing, monkeypatch):
+    monkeypatch.setattr(tvm_backend, "_cpuinfo", lambda: cpuinfo)
+    assert tvm_backend.missing_cpu_features(mattr, arch) == missing
+
+
+def test_artifact_for_a_richer_cpu_is_refused_before_its_code_runs(tmp_path, monkeypatch):
+    """An AVX-512 artifact on an AVX2 CPU: one clear error instead of the process dying of SIGILL."""
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    art = compile_model(tmp_path / "hf", "x86_64-avx512", quant="q8", max_seq_len=16, out=tmp_path / "art",
+                        progress=False)
+    monkeypatch.setattr(tvm_backend, "_cpuinfo", lambda: X86_NO_AVX512)
+    with pytest.raises(InputError, match="x86_64-avx512, which needs CPU features this machine lacks"):
+        load(art)
+
+
 def test_tampered_or_newer_artifact_is_refused(tmp_path):
     make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
     art = compile_model(tmp_path / "hf", "x86_64", quant="q8", out=tmp_path / "art", progress=False)
