@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from llamac.errors import InputError
+
 OPSET = 17
 _ALIGN = 64  # weights start on cache-line boundaries so a compiler can mmap them directly
 
@@ -47,7 +49,11 @@ class Graph:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """Append `array` to the external data file and reference it by offset."""
-        arr = np.ascontiguousarray(array, dtype=np.float16 if self.float_type == TensorProto.FLOAT16 else np.float32)
+        with np.errstate(over="ignore"):
+            arr = np.ascontiguousarray(array, dtype=np.float16 if self.float_type == TensorProto.FLOAT16 else np.float32)
+        if not np.isfinite(arr).all():     # finite on the way in (the exporter checks): a float16 overflow
+            raise InputError(f"weight {name}: values up to {np.abs(array).max():.3g} exceed the float16 range; "
+                             f"export with --dtype f32")
         pad = -self._data.tell() % _ALIGN
         self._data.write(b"\0" * pad)
         offset = self._data.tell()

@@ -120,8 +120,11 @@ def _write_weights(plan, weights, path: Path) -> list[dict]:
                 if not np.isfinite(w).all():
                     raise InputError(f"weight {onnx_name} holds NaN or Inf")
                 packed_cache.clear()       # keys of one weight are consecutive: keep only the current one
-                packed_cache[onnx_name] = pack(quantize(w.T if pw.transpose else w, pw.scheme), pw.lanes,
-                                                  pw.layout)
+                try:
+                    qt = quantize(w.T if pw.transpose else w, pw.scheme)
+                except InputError as e:
+                    raise InputError(f"weight {onnx_name}: {e}") from None
+                packed_cache[onnx_name] = pack(qt, pw.lanes, pw.layout)
             writer.add(pw.param_name(key), packed_cache[onnx_name][key],
                        quant=dict(scheme=pw.scheme.to_json(), k=pw.k, n=pw.n, lanes=pw.lanes,
                                   layout=pw.layout, transpose=pw.transpose), **meta)

@@ -92,7 +92,9 @@ def quantize(weight_kn: np.ndarray, scheme: Scheme) -> QuantTensor:
     w = np.ascontiguousarray(np.asarray(weight_kn, dtype=np.float32).T)  # [N, K]
     n, k = w.shape
     if scheme.kind == "float":
-        return QuantTensor(scheme, k, n, w=w.astype(scheme.weight_dtype))
+        with np.errstate(over="ignore"):    # an overflow is reported by _in_range, as one clear error
+            stored = w.astype(scheme.weight_dtype)
+        return QuantTensor(scheme, k, n, w=_in_range(stored, w, scheme))
     gs = scheme.group_size or k
     g = scheme.groups(k)
     padded = np.zeros((n, g * gs), np.float32)
@@ -104,11 +106,21 @@ def quantize(weight_kn: np.ndarray, scheme: Scheme) -> QuantTensor:
     else:
         scale = _search_q4_scales(blocks, scheme.scale_dtype)
         q = _codes(blocks, scale, -8, 7)
-    return QuantTensor(scheme, k, n, q=q.reshape(n, g * gs)[:, :k].copy(), scale=scale)
+    return QuantTensor(scheme, k, n, q=q.reshape(n, g * gs)[:, :k].copy(), scale=_in_range(scale, w, scheme))
+
+
+def _in_range(stored: np.ndarray, w: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """`stored` (weights or scales in the scheme's dtype), after checking that no value overflowed it: a float16
+    overflow would make the whole model compute NaN."""
+    if not np.isfinite(stored).all():
+        raise InputError(f"values up to {np.abs(w).max():.3g} exceed the float16 range of {scheme.name}; "
+                         f"compile with -q f32 (or a q4/q8 variant with f32 scales, e.g. q8-g32-f32)")
+    return stored
 
 
 def _round_scale(scale: np.ndarray, dtype: str) -> np.ndarray:
-    return np.where(scale == 0, 1.0, scale).astype(dtype)
+    with np.errstate(over="ignore"):        # an overflow is reported by _in_range, as one clear error
+        return np.where(scale == 0, 1.0, scale).astype(dtype)
 
 
 def _codes(blocks: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -129,7 +141,8 @@ def _search_q4_scales(blocks: np.ndarray, dtype: str) -> np.ndarray:
     for div in (-8.0, -7.5, 7.0, 7.5, -7.0, 6.5, -8.5, 8.0):
         scale = _round_scale(extreme / div, dtype)
         s = scale.astype(np.float32)[..., None]
-        err = ((np.clip(np.rint(blocks / s), -8, 7) * s - blocks) ** 2).sum(axis=2)
+        with np.errstate(over="ignore", invalid="ignore"):     # an overflowed scale: refused by _in_range
+            err = ((np.clip(np.rint(blocks / s), -8, 7) * s - blocks) ** 2).sum(axis=2)
         if best_err is None:
             best_scale, best_err = scale, err
         else:

@@ -304,6 +304,32 @@ def test_output_that_would_replace_the_source_is_refused_even_with_force(step, w
     assert sorted(p.name for p in src.iterdir()) == before
 
 
+@pytest.mark.parametrize("step", ["export --dtype f16", "compile -q f16", "compile -q q4"])
+def test_weight_beyond_float16_is_a_clear_error(step, root, tmp_path):
+    """A weight float16 cannot hold (max 65504; q4 scales ~ |w| / 8) used to become inf, and the model all NaN."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from llamac.export.exporter import export
+
+    exported(root, "llama2_mha")
+    src = tmp_path / "big"
+    shutil.copytree(root / "llama2_mha" / "hf", src)
+    tensors = load_file(src / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = 1e6
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="exceed the float16 range") as e:
+        if step.startswith("export"):
+            export(src, out, dtype="f16", progress=False)
+        else:
+            compile_tiny(src, out, "x86_64", step.split()[-1])
+    assert "down_proj" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
 def test_android_needs_ndk(root, tmp_path, monkeypatch):
     for var in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK"):
         monkeypatch.delenv(var, raising=False)

@@ -79,6 +79,20 @@ def test_zero_and_constant_groups():
         assert np.allclose(dequantize(quantize(w, get_scheme(name))), w)
 
 
+@pytest.mark.parametrize("name, big, fits", [("f16", 7e4, False), ("f16", 6e4, True), ("q4", 6e5, False),
+                                             ("q4", 4e5, True), ("q8-g32-f16", 9e6, False), ("q8", 9e6, True),
+                                             ("q4-g32-f32", 1e6, True), ("f32", 1e30, True)])
+def test_values_beyond_float16_are_refused_not_stored_as_inf(name, big, fits):
+    """float16 holds up to 65504: f16 weights, and q4/q8 scales (about |w| / 8 or / 127) stored in float16."""
+    w = RNG.standard_normal((64, 16)).astype(np.float32)
+    w[5, 3] = -big
+    if fits:
+        assert np.isfinite(dequantize(quantize(w, get_scheme(name)))).all()
+    else:
+        with pytest.raises(InputError, match="exceed the float16 range"):
+            quantize(w, get_scheme(name))
+
+
 # ---------------------------------------------------------------- kernels = numpy dequantization
 
 @pytest.fixture(scope="module")
