@@ -122,6 +122,8 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise InputError(f"{path}: not a model config (a JSON object is expected)")
         return cls.from_hf_dict(d)
 
     # ---- RoPE frequencies (the one place that interprets rope_scaling) ----

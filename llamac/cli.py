@@ -61,8 +61,8 @@ def inspect(path: Path, dequantize: Path | None) -> None:
 @click.option("--target", "-t", default=None,
               help="Target name (see `llamac targets`) or a .toml file. Default: the best target for this machine.")
 @click.option("--quant", "-q", default="q4", show_default=True, help="Quantization scheme: f32, f16, q8, q4.")
-@click.option("--group-size", type=int, default=None, help="q4 group size along the input dimension (default 32).")
-@click.option("--max-seq-len", type=int, default=None, help="KV cache capacity (default: the model's context, at most 4096).")
+@click.option("--group-size", type=click.IntRange(min=1), default=None, help="q4 group size along the input dimension (default 32).")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache capacity (default: the model's context, at most 4096).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def compile_cmd(src: Path | None, target: str | None, quant: str, group_size: int | None, max_seq_len: int | None,
@@ -123,16 +123,16 @@ def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
 @click.argument("art", type=click.Path(path_type=Path), required=False)
 @click.option("-p", "--prompt", help="Prompt text.")
 @click.option("--ids", help="Prompt as comma-separated token ids (no BOS added).")
-@click.option("-n", "--max-tokens", default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min_p x the top probability.")
 @click.option("--repetition-penalty", default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context instead of failing.")
-@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--emulate", is_flag=True, help="Run an artifact for another architecture (arm64) under qemu-user.")
 @click.option("--browser", is_flag=True, help="Run a WebGPU artifact in headless Chromium.")
@@ -204,10 +204,10 @@ def serve(art: Path, port: int, host: str) -> None:
 
 @cli.command("bench")
 @click.argument("art", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt-tokens", default=512, show_default=True, help="Prompt length (pp).")
-@click.option("-n", "--gen-tokens", default=128, show_default=True, help="Generated tokens (tg).")
-@click.option("-r", "--repetitions", default=5, show_default=True)
-@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores).")
+@click.option("-p", "--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt length (pp).")
+@click.option("-n", "--gen-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generated tokens (tg).")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int | None,
               as_json: bool) -> None:
@@ -228,8 +228,8 @@ def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, 
 @cli.command()
 @click.argument("art", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
-@click.option("--window", type=int, default=None, help="Context window (default: the artifact's).")
-@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
+@click.option("--window", type=click.IntRange(min=2), default=None, help="Context window (default: the artifact's).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
 @click.option("--json", "as_json", is_flag=True)
 def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int | None, as_json: bool) -> None:
     """Per-token perplexity of a text file."""
@@ -247,10 +247,10 @@ def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int |
 @click.option("--system", help="System prompt.")
 @click.option("--template", type=click.Choice(["llama3", "llama2", "plain"]), default=None,
               help="Chat template (default: detected from the tokenizer).")
-@click.option("-n", "--max-tokens", default=256, show_default=True, help="Tokens per reply at most.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per reply at most.")
 @click.option("--temperature", default=0.7, show_default=True)
 @click.option("--top-p", default=0.9, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=None)
 def chat(art: Path | None, system: str | None, template: str | None, max_tokens: int, temperature: float,
          top_p: float, seed: int | None) -> None:
     """Chat interactively (the KV cache is kept across turns)."""
@@ -267,6 +267,9 @@ def _default_artifact() -> Path:
     return bundled.artifact()
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
+
+
 def main() -> None:
     """Entry point: run the CLI, turning errors into one line and the documented exit codes."""
     try:
@@ -274,9 +277,16 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as e:       # `llamac` alone: the help text, as before
+        click.echo(e.format_message(), err=True)
+        sys.exit(2)
+    except click.UsageError as e:       # one line, like every other error
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{where}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        sys.exit(e.exit_code)
     except InputError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

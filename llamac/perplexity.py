@@ -17,10 +17,14 @@ def perplexity(art: Path, text_file: Path, window: int | None = None, max_tokens
                progress: bool = True) -> dict:
     from llamac.runtime import load
 
-    if not Path(text_file).is_file():
-        raise InputError(f"{text_file}: no such file")
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{text_file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{text_file}: cannot read it as UTF-8 text ({e})") from None
     model = load(art)
-    ids = model.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+    ids = model.tokenizer.encode(text)
     if max_tokens:
         ids = ids[:max_tokens]
     window = min(window or model.max_seq_len, model.max_seq_len)

@@ -48,3 +48,21 @@ def test_chat_reads_turns_until_exit(export_dir):
     r = cli("chat", export_dir, "-n", 8, "--temperature", 0, stdin="And God said\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) > 3
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "{art}", "-p", "4", "-n", "2", "-r", "0"], ["bench", "{art}", "-p", "4", "-n", "2", "--threads", "-2"],
+    ["run", "{art}", "-p", "hi", "--seed", "-1"],
+    ["run", "{art}", "-p", "hi", "-n", "-3"], ["compile", "{art}"], ["perplexity", "{art}", "--text", "{latin1}"],
+    ["compile", "{array_config}", "-o", "{tmp}/out"], ["no-such-command"],
+])
+def test_bad_usage_is_one_line_and_exit_2(args, export_dir, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text("[1, 2]")
+    paths = {"art": export_dir, "latin1": tmp_path / "latin1.txt", "array_config": tmp_path / "cfg", "tmp": tmp_path}
+    r = cli(*[a.format(**paths) for a in args])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "Error" not in lines[0].split(":")[1] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
