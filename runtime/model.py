@@ -5,6 +5,7 @@ The loop is backend-agnostic: a backend session only has prefill(ids), decode(to
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -104,9 +105,10 @@ class _Stream:
     def _run(self) -> Iterator[str]:
         m, s = self.model, self.session
         has_tok = _has_tokenizer(m)
-        # The config's eos ids, plus the tokenizer's own (a Llama 3 base config lists only <|end_of_text|>,
-        # but a chat turn ends with <|eot_id|>).
-        eos = set(m.config.eos_token_ids) | (set(m.tokenizer.eos_ids) if has_tok else set())
+        # The config's eos ids, generation_config.json's (Llama 3 Instruct lists <|eot_id|> only there, and
+        # transformers' generate stops on them) and the tokenizer's own (a Llama 3 base config lists only
+        # <|end_of_text|>, but a chat turn ends with <|eot_id|>).
+        eos = set(m.config.eos_token_ids) | _generation_eos(m.path) | (set(m.tokenizer.eos_ids) if has_tok else set())
         detok = m.tokenizer.stream() if has_tok else None
         t0 = time.perf_counter()
         logits = s.prefill(self.ids)
@@ -143,6 +145,19 @@ class _Stream:
             if tail:
                 yield tail
         self.result = Generation(list(self.ids), tokens, text, reason, t1 - t0, time.perf_counter() - t1)
+
+
+def _generation_eos(path: Path) -> set[int]:
+    """eos_token_id of the generation_config.json next to the model (an id or a list), if there is one."""
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return set()
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise InputError(f"{f}: not a valid generation config ({e})") from None
+    ids = eos if isinstance(eos, list) else [eos]
+    return {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
 
 
 def _has_tokenizer(m: Model) -> bool:

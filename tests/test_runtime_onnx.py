@@ -36,6 +36,25 @@ def test_greedy_equals_transformers(name, tmp_path):
     assert g.prompt_tokens == PROMPT
 
 
+def test_generation_config_eos_ids_end_generation_as_in_transformers(tmp_path):
+    """Llama 3 Instruct lists <|eot_id|> as an eos id only in generation_config.json: generation stops there too."""
+    import torch
+    from transformers import GenerationConfig
+
+    model = make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama3_gqa_tied"])
+    free = hf_greedy(model, PROMPT, 16)
+    stop_id = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])
+    eos = [model.config.eos_token_id, stop_id]
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                             generation_config=GenerationConfig.from_pretrained(tmp_path / "hf", do_sample=False)
+                             )[0, len(PROMPT):].tolist()
+    assert ref[-1] == stop_id
+    g = load(export(tmp_path / "hf", tmp_path / "onnx", progress=False)).generate(PROMPT, max_new_tokens=16)
+    assert g.tokens == ref[:-1] and g.stop_reason == "eos"
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("rt")
