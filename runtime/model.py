@@ -92,7 +92,7 @@ class _Stream:
                 raise InputError(f"prompt of {len(self.ids)} tokens does not fit the context "
                                  f"({room} of {self.session.max_seq_len} positions left); use truncation to keep "
                                  f"its end")
-            self.ids = self.ids[len(self.ids) - room:]
+            self.ids = _truncated(self.ids, room, max_new_tokens, model.config.bos_token_id, self.session.n_past == 0)
         self.result: Generation | None = None
         self._gen = self._run()
 
@@ -145,6 +145,14 @@ class _Stream:
             if tail:
                 yield tail
         self.result = Generation(list(self.ids), tokens, text, reason, t1 - t0, time.perf_counter() - t1)
+
+
+def _truncated(ids: list[int], room: int, max_new_tokens: int, bos: int | None, first_turn: bool) -> list[int]:
+    """The end of a prompt too long for `room` positions, after its BOS (a model reads its first position as the
+    start of a text), leaving room for the reply: max_new_tokens, or half the room when that is less."""
+    head = ids[:1] if first_turn and bos is not None and ids and ids[0] == bos else []
+    keep = max(room - min(max_new_tokens, room // 2) - len(head), 1)
+    return head + ids[len(ids) - keep:]
 
 
 def _generation_eos(path: Path) -> set[int]:

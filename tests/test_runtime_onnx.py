@@ -84,9 +84,12 @@ def test_context_overflow_is_clear(export_dir):
     m = load(export_dir)
     with pytest.raises(InputError, match="does not fit the context"):
         m.generate(list(range(3, 300)), 4)
-    g = m.generate(list(range(3, 300)), 4, truncate=True)
-    assert g.prompt_tokens == list(range(3, 300))[-m.max_seq_len:]
-    assert g.stop_reason == "context" and len(g.tokens) == 1
+    long = [1] + list(range(3, 300))
+    g = m.generate(long, 4, truncate=True)       # BOS and the end of the prompt, leaving room for the reply
+    assert g.prompt_tokens == [1] + long[-(m.max_seq_len - 4 - 1):]
+    assert g.stop_reason == "length" and g.tokens == m.generate(g.prompt_tokens, 4).tokens
+    g = m.generate(long, 10 * m.max_seq_len, truncate=True)    # a long reply gets at most half the context
+    assert len(g.prompt_tokens) == m.max_seq_len - m.max_seq_len // 2 and g.prompt_tokens[0] == 1
 
 
 def test_cli_run_json(export_dir):
