@@ -81,6 +81,8 @@ class _Stream:
 
     def __init__(self, model: Model, prompt, max_new_tokens: int, sampler: Sampler, stop: tuple[str, ...],
                  session, add_bos: bool, truncate: bool):
+        if any(not st for st in stop):
+            raise InputError("a stop string must not be empty")
         self.model, self.sampler, self.stop = model, sampler, stop
         self.max_new_tokens = max_new_tokens
         self.session = session if session is not None else model.session()
@@ -114,6 +116,7 @@ class _Stream:
         logits = s.prefill(self.ids)
         t1 = time.perf_counter()
         history, tokens, text, reason = list(self.ids), [], "", "length"
+        shown = 0       # text[:shown] is out; the rest is held back while it could be the start of a stop string
         for n in range(self.max_new_tokens):
             tok = self.sampler(logits, history)
             if tok in eos:
@@ -121,18 +124,15 @@ class _Stream:
                 break
             tokens.append(tok)
             history.append(tok)
-            piece = detok.put(tok) if detok else ""
-            text += piece
-            hit = next((st for st in self.stop if st in text), None)
-            if hit is not None:
-                cut = text.index(hit)
-                piece = piece[: max(0, len(piece) - (len(text) - cut))]
+            text += detok.put(tok) if detok else ""
+            cut = min((text.index(st) for st in self.stop if st in text), default=None)
+            if cut is not None:
                 text, reason = text[:cut], "stop"
-                if piece:
-                    yield piece
                 break
-            if piece:
-                yield piece
+            ready = len(text) - _stop_prefix_len(text, self.stop)
+            if ready > shown:
+                yield text[shown:ready]
+                shown = ready
             if n + 1 == self.max_new_tokens:
                 break
             if s.n_past >= s.max_seq_len:
@@ -140,11 +140,18 @@ class _Stream:
                 break
             logits = s.decode(tok)
         if detok and reason != "stop":
-            tail = detok.flush()
-            text += tail
-            if tail:
-                yield tail
+            text += detok.flush()
+        if len(text) > shown:
+            yield text[shown:]
         self.result = Generation(list(self.ids), tokens, text, reason, t1 - t0, time.perf_counter() - t1)
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins one of `stops` (and may complete it with the next token)."""
+    for k in range(min(len(text), max((len(st) for st in stops), default=1) - 1), 0, -1):
+        if any(st.startswith(text[-k:]) for st in stops):
+            return k
+    return 0
 
 
 def _truncated(ids: list[int], room: int, max_new_tokens: int, bos: int | None, first_turn: bool) -> list[int]:

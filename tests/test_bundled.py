@@ -56,6 +56,26 @@ def test_generates_scripture_like_text(bundled_export):
     assert np.mean([w in vocab for w in words]) > 0.6, g.text
 
 
+def test_stop_strings_cut_the_text_and_never_stream_part_of_themselves(bundled_export):
+    """Streamed pieces join to the returned text, which ends where the earliest stop string begins, even when a
+    stop string spans tokens (the pieces that might begin one are held back until the next token decides)."""
+    from llamac.errors import InputError
+    from llamac.runtime import load
+
+    m = load(bundled_export)
+    free = m.generate("And God said", max_new_tokens=40).text
+    starts = [i for i in range(8, len(free) - 6) if free[i - 1] != " " and free[i] != " "]     # mid-word
+    for a in starts[:3] + starts[-2:]:
+        stop = free[a:a + 5]
+        for stops in ([stop], ["never in it", stop], [stop, free[a + 1:a + 9]]):
+            it = m.generate("And God said", max_new_tokens=40, stop=stops, stream=True)
+            pieces = list(it)
+            assert "".join(pieces) == it.result.text == free[:free.index(stop)], (stops, pieces)
+            assert it.result.stop_reason == "stop"
+    with pytest.raises(InputError, match="stop string"):
+        m.generate("And God said", max_new_tokens=4, stop=[""])
+
+
 @pytest.fixture(scope="module")
 def bundled_artifacts(tmp_path_factory):
     from llamac.compiler import compile_model
