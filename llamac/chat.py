@@ -13,11 +13,18 @@ from llamac.runtime.chat_template import STOP_STRINGS, apply_chat_template, dete
 
 
 def chat_loop(model, system: str | None = None, template: str | None = None, max_new_tokens: int = 256,
-              read: Callable[[], str | None] = None, write: Callable[[str], None] = None, **sampling) -> list[dict]:
-    """Run turns until read() returns None or '/exit'; returns the messages."""
+              read: Callable[[], str | None] = None, write: Callable[[str], None] = None,
+              notify: Callable[[str], None] = lambda note: None, **sampling) -> list[dict]:
+    """Run turns until read() returns None or '/exit'; returns the messages (those still in the context).
+
+    When the conversation and room for a reply (max_new_tokens, at most half the context) outgrow the context, the
+    oldest turns are dropped (the system prompt stays), with a note; a message that cannot fit even alone is refused
+    with a note, and the chat goes on."""
     tok = model.tokenizer
     name = template or detect_template(tok, read_hf_template(model.path))
     messages = [{"role": "system", "content": system}] if system else []
+    first = len(messages)                   # index of the oldest turn
+    room = min(max_new_tokens, model.max_seq_len // 2)
     sess, fed = model.session(), []
     while True:
         line = read()
@@ -27,6 +34,18 @@ def chat_loop(model, system: str | None = None, template: str | None = None, max
             continue
         messages.append({"role": "user", "content": line})
         ids = apply_chat_template(messages, tok, name)
+        dropped = 0
+        while len(ids) + room > model.max_seq_len and len(messages) - first > 1:
+            del messages[first:first + 2]   # the oldest user message and its reply
+            dropped += 1
+            ids = apply_chat_template(messages, tok, name)
+        if dropped:
+            notify(f"(context full: the oldest {dropped} turn{'s' if dropped > 1 else ''} dropped)")
+        if len(ids) + room > model.max_seq_len:
+            notify(f"(that message takes {len(ids)} tokens; with room for a reply it does not fit the context of "
+                   f"{model.max_seq_len}: not sent)")
+            messages.pop()
+            continue
         if ids[:len(fed)] != fed or len(fed) == 0:
             sess.reset()
             fed = []
@@ -50,5 +69,8 @@ def run_chat(model, system: str | None, template: str | None, max_new_tokens: in
     def write(text: str) -> None:
         click.echo(text, nl=False)
 
+    def notify(note: str) -> None:
+        click.echo(note, err=True)
+
     click.echo("(type /exit or Ctrl-D to leave)", err=True)
-    chat_loop(model, system, template, max_new_tokens, read, write, **sampling)
+    chat_loop(model, system, template, max_new_tokens, read, write, notify, **sampling)

@@ -37,3 +37,20 @@ def test_two_turns_match_fresh_generation(llama3_model):
     assert ids[0] == 128000 and m.tokenizer.token_to_id("<|start_header_id|>") in ids
     fresh = m.generate(ids, 12)
     assert fresh.text.strip() == messages[4]["content"]
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_goes_on(llama3_model):
+    m = llama3_model
+    long_turn = " ".join(["and the river ran on through the valley"] * 12)      # ~100 tokens
+    too_long = " ".join(["word"] * 2 * m.max_seq_len)
+    said = [f"Turn {i}: {long_turn}" for i in range(8)]
+    turns = iter([said[0], said[1], too_long, *said[2:], None])
+    out: list[str] = []
+    notes: list[str] = []
+    messages = chat_loop(m, "Be brief.", None, 12, read=lambda: next(turns), write=out.append, notify=notes.append)
+    assert any("dropped" in n for n in notes) and any("not sent" in n for n in notes)
+    assert messages[0]["role"] == "system" and messages[-2]["content"] == said[-1]
+    assert too_long not in [x["content"] for x in messages] and said[0] not in [x["content"] for x in messages]
+    ids = apply_chat_template(messages[:-1], m.tokenizer, "llama3")
+    assert len(ids) + 12 <= m.max_seq_len
+    assert m.generate(ids, 12).text.strip() == messages[-1]["content"]     # the reply to what was kept
