@@ -23,7 +23,8 @@ import numpy as np
 
 from llamac.errors import InputError
 from llamac.quantize import dequantize as dequantize_tensor, scheme_from_json, unpack
-from llamac.runtime.tvm_backend import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, verify_files
+from llamac.runtime.tvm_backend import (FORMAT, FORMAT_VERSION, MANIFEST, is_webgpu_manifest, read_manifest,
+                                       sha256_file, verify_files)
 
 ALIGN = 64
 WEIGHTS_FILE = "weights.bin"
@@ -118,9 +119,31 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _describe_webgpu(path: Path, m: dict) -> str:
+    cfg = m["config"]
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    return "\n".join([
+        f"artifact     {path}",
+        f"format       WebGPU artifact v{m.get('format_version')} (run: llamac run --browser, or llamac serve)",
+        f"target       webgpu: {m['target'].get('host', 'wasm')} host, {m['target'].get('compute_dtype')} compute",
+        f"quantization {m.get('quant')}",
+        f"model        {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads "
+        f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} kv, head_dim {cfg['head_dim']}, ffn "
+        f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}",
+        f"context      {m.get('max_seq_len')} tokens",
+        f"files        {', '.join(files)} ({_human(sum((path / f).stat().st_size for f in files))})",
+    ])
+
+
 def describe(path: Path) -> str:
     """What `llamac inspect ART` prints: versions, target, scheme, model, and sizes per tensor group."""
     path = Path(path)
+    try:
+        raw = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = None                                  # read_manifest says what is wrong
+    if is_webgpu_manifest(raw):
+        return _describe_webgpu(path, raw)
     m = read_manifest(path)
     cfg, tgt, q = m["model"], m["target"], m["quant"]
     lines = [

@@ -52,6 +52,9 @@ def read_manifest(path: Path) -> dict:
         raise InputError(f"{path}: not a compiled artifact (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{f}: unreadable manifest ({e})") from None
+    if is_webgpu_manifest(m):
+        raise InputError(f"{path} is a WebGPU artifact: run it with `llamac run --browser` or serve its page with "
+                         f"`llamac serve`")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise InputError(f"{f}: not a llamac artifact manifest")
     if m.get("format_version") != FORMAT_VERSION:
@@ -61,6 +64,12 @@ def read_manifest(path: Path) -> dict:
         if key not in m:
             raise InputError(f"{f}: manifest lacks {key!r}")
     return m
+
+
+def is_webgpu_manifest(m) -> bool:
+    """A WebGPU artifact's manifest (llamac.web.build writes its own: wasm host, GPU kernels, its own runtime)."""
+    return isinstance(m, dict) and isinstance(m.get("target"), dict) and m["target"].get("kind") == "webgpu" \
+        and "web" in m
 
 
 def sha256_file(path: Path) -> str:

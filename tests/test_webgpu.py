@@ -316,3 +316,21 @@ def test_bad_quant_is_an_input_error(exports, tmp_path):
     with pytest.raises(InputError, match="supports --quant"):
         compile_webgpu(exports["llama2_mha"], "q8", 64, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_describes_a_webgpu_artifact_and_sends_run_to_the_browser(artifacts):
+    import subprocess
+    import sys
+
+    art = artifacts("llama2_mha", "f32")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "llamac", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    r = cli("inspect", art)
+    assert r.returncode == 0 and "WebGPU artifact" in r.stdout and "layers" in r.stdout, r.stderr
+    for args in (["run", art, "-p", "hi"], ["bench", art, "-p", "4", "-n", "2"]):
+        r = cli(*args)
+        assert r.returncode == 2 and "is a WebGPU artifact: run it with `llamac run --browser`" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
