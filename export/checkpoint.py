@@ -4,6 +4,7 @@ Every reader hands out tensors under Hugging Face names, in HF layout (rotate-ha
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +47,44 @@ def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# a vocabulary file by its suffix -> the name it has in an export (where the runtime looks for it); llama2.c's
+# tokenizer.bin is converted to tokenizer.model
+VOCAB_FILES = {".model": "tokenizer.model", ".json": "tokenizer.json"}
+
+
+def export_name(tokenizer_file: Path) -> str:
+    """The name a checkpoint's tokenizer file takes in the export: its own, or tokenizer.model / tokenizer.json
+    for a vocabulary given under another name (--tokenizer my-vocab.model)."""
+    f = Path(tokenizer_file)
+    if f.name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        return f.name
+    return VOCAB_FILES.get(f.suffix, f.name)
+
+
+def _check_tokenizer_file(f: Path) -> None:
+    """A --tokenizer file must be a sentencepiece model, a tokenizer.json or a llama2.c tokenizer.bin."""
+    if f.suffix == ".bin":
+        return          # converted on export, which reports a malformed one
+    if f.suffix == ".json":
+        try:
+            ok = "model" in json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+            ok = False
+        if not ok:
+            raise InputError(f"tokenizer {f}: not a Hugging Face tokenizer.json")
+        return
+    if f.suffix == ".model":
+        import sentencepiece
+
+        try:
+            sentencepiece.SentencePieceProcessor(model_file=str(f))
+        except (OSError, RuntimeError) as e:
+            raise InputError(f"tokenizer {f}: not a sentencepiece model ({e})") from None
+        return
+    raise InputError(f"tokenizer {f}: unknown format (expected a sentencepiece .model, a tokenizer .json or a "
+                     f"llama2.c .bin)")
+
+
 def open_checkpoint(src: Path, tokenizer: Path | None = None) -> Checkpoint:
     """A HF directory, a .gguf file or a llama2.c .bin; validated before any weight is read."""
     src = Path(src)
@@ -64,11 +103,12 @@ def open_checkpoint(src: Path, tokenizer: Path | None = None) -> Checkpoint:
         ckpt = Llama2cCheckpoint(src)
     else:
         raise InputError(f"{src}: unknown checkpoint format (expected a HF directory, .gguf or llama2.c .bin)")
-    if tokenizer is not None:  # an explicit tokenizer replaces a same-named file from the checkpoint
+    if tokenizer is not None:  # an explicit tokenizer replaces the checkpoint's vocabulary files
         tokenizer = Path(tokenizer)
         if not tokenizer.is_file():
             raise InputError(f"tokenizer {tokenizer} not found")
-        ckpt.tokenizer_files = [tokenizer] + [f for f in ckpt.tokenizer_files if f.name != tokenizer.name]
+        _check_tokenizer_file(tokenizer)
+        ckpt.tokenizer_files = [tokenizer] + [f for f in ckpt.tokenizer_files if f.name not in VOCAB_FILES.values()]
     _validate(ckpt, src)
     return ckpt
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from llamac.errors import InputError, refuse_replacing_source
 
 from . import graph
-from .checkpoint import open_checkpoint
+from .checkpoint import export_name, open_checkpoint
 from .onnx_builder import Graph, save
 from .tokenizer_files import convert_llama2c_tokenizer
 
@@ -64,7 +64,7 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
             if f.suffix == ".bin":  # llama2.c's own tokenizer format
                 convert_llama2c_tokenizer(f, tmp)
             else:
-                shutil.copyfile(f, tmp / f.name)
+                shutil.copyfile(f, tmp / export_name(f))
         if not ckpt.tokenizer_files and hasattr(ckpt, "write_tokenizer"):  # GGUF: vocabulary in the metadata
             ckpt.write_tokenizer(tmp)
         if out.exists():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from hf_models import CONFIGS, make_hf_checkpoint
 from reference_files import gguf_roundtrip, write_gguf, write_llama2c
 from references import hf_logits, ort_steps, rel_err
 
+from llamac import bundled
+from llamac.errors import InputError
 from llamac.export.exporter import export
 
 TOL = 1e-4
@@ -121,10 +124,21 @@ def test_llama2c_same_logits_as_hf(tied, tmp_path):
     model = make_hf_checkpoint(tmp_path / "hf", **dict(CONFIGS["llama2_mha"], rms_norm_eps=1e-5, num_key_value_heads=2,
                                                        tie_word_embeddings=tied))
     write_llama2c(model, tmp_path / "model.bin")
-    (tmp_path / "tokenizer.model").write_bytes(b"placeholder")
-    out = export(tmp_path / "model.bin", tmp_path / "onnx", tokenizer=tmp_path / "tokenizer.model", progress=False)
-    assert (out / "tokenizer.model").read_bytes() == b"placeholder"
+    vocab = tmp_path / "my-vocab.model"       # any name: it is exported as tokenizer.model, where the runtime looks
+    shutil.copyfile(bundled.checkpoint() / "tokenizer.model", vocab)
+    out = export(tmp_path / "model.bin", tmp_path / "onnx", tokenizer=vocab, progress=False)
+    assert (out / "tokenizer.model").read_bytes() == vocab.read_bytes() and not (out / vocab.name).exists()
     check_against_hf(model, out)
+
+
+@pytest.mark.parametrize("content, suffix", [(b"just some text", ".txt"), (b"placeholder", ".model"),
+                                             (b'{"not": "a tokenizer"}', ".json")])
+def test_a_tokenizer_that_is_not_one_is_refused(content, suffix, tmp_path):
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    (tmp_path / f"tok{suffix}").write_bytes(content)
+    with pytest.raises(InputError, match="tokenizer"):
+        export(tmp_path / "hf", tmp_path / "onnx", tokenizer=tmp_path / f"tok{suffix}", progress=False)
+    assert not (tmp_path / "onnx").exists()
 
 
 # ---- bad input: one clear line, exit code 2, no OUT left behind ----
