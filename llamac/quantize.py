@@ -67,7 +67,9 @@ def get_scheme(name: str) -> Scheme:
     if group is not None and (group < 8 or group % 8):
         raise InputError(f"quantization group size must be a multiple of 8, got {group}")
     sdt = {"f16": "float16", "f32": "float32", None: base.scale_dtype}[m.group(3)]
-    return Scheme(name, "int", base.bits, group, sdt, doc=f"{base.doc} (group {group or 'per-channel'}, {sdt} scales)")
+    where = f"in groups of {group} inputs" if group else "per output channel"
+    doc = f"int{base.bits} {where}, {sdt.replace('float', 'f')} scales"
+    return Scheme(name, "int", base.bits, group, sdt, doc=doc)
 
 
 def scheme_from_json(d: dict) -> Scheme:

@@ -67,6 +67,8 @@ def test_scheme_registry_and_variants():
     assert SCHEMES["q8"].group_size is None           # one scale per output channel
     v = get_scheme("q4-g128-f32")
     assert (v.bits, v.group_size, v.scale_dtype) == (4, 128, "float32")
+    assert v.doc == "int4 in groups of 128 inputs, f32 scales"      # what `llamac inspect` prints
+    assert get_scheme("q8-f16").doc == "int8 per output channel, f16 scales"
     for bad in ("q3", "int4", "q4-g12", "q4-g0", ""):
         with pytest.raises(InputError):
             get_scheme(bad)
