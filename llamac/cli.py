@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 failure while running, 2 bad usage or bad input (llamac
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -272,8 +273,13 @@ def _default_artifact() -> Path:
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
 
 
+def _terminated(signum, _frame) -> None:
+    raise SystemExit(128 + signum)     # unwinds like an error: half-written output is removed on the way out
+
+
 def main() -> None:
     """Entry point: run the CLI, turning errors into one line and the documented exit codes."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -347,3 +347,23 @@ def test_compiles_from_checkpoint(root, tmp_path):
     got, ref = artifact_steps(art), hf_steps(model)
     assert rel_err(got[-1], ref[-1]) < TOL
     assert not list(tmp_path.glob(".art*"))
+
+
+def test_terminated_compile_leaves_nothing_behind(root, tmp_path):
+    """SIGTERM (a CI job cancelled, `kill`) unwinds like an error: no half-written artifact, no hidden staging dir."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, export_dir = exported(root, "llama2_mha")
+    out = tmp_path / "art"
+    p = subprocess.Popen([sys.executable, "-m", "llamac", "compile", str(export_dir), "-q", "q4", "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _leftovers(tmp_path, "art") and time.time() < deadline:     # wait until it is writing
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert not out.exists() and not _leftovers(tmp_path, "art")
