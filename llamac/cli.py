@@ -273,13 +273,22 @@ def _default_artifact() -> Path:
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
 
 
-def _terminated(signum, _frame) -> None:
-    raise SystemExit(128 + signum)     # unwinds like an error: half-written output is removed on the way out
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum, _frame) -> None:
+    """Ctrl-C and SIGTERM unwind like an error, so half-written output is removed on the way out. Raised inside a
+    TVM callback, the exception comes back as a TVM error: main() still exits as interrupted, by the record here."""
+    _SIGNALLED.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
     """Entry point: run the CLI, turning errors into one line and the documented exit codes."""
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -302,6 +311,9 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # a failure while running: one line, full trace only on request
+        if _SIGNALLED:      # the signal's exception, wrapped on its way through TVM
+            click.echo("interrupted", err=True)
+            sys.exit(128 + _SIGNALLED[0])
         if os.environ.get("LLAMAC_DEBUG"):
             raise
         click.echo(f"error: {type(e).__name__}: {e}", err=True)
