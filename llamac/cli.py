@@ -25,7 +25,8 @@ def cli() -> None:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
               help="Weight and activation dtype of the graph.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer to bundle instead of the checkpoint's: a sentencepiece .model, a tokenizer .json or a "
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="Tokenizer to bundle instead of the checkpoint's: a sentencepiece .model, a tokenizer .json or a "
                    "llama2.c .bin.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def export(src: Path, out: Path, dtype: str, tokenizer: Path | None, force: bool) -> None:

@@ -5,6 +5,7 @@ The loop is backend-agnostic: a backend session only has prefill(ids), decode(to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -48,6 +49,14 @@ class Model:
 
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
+
+    @functools.cached_property
+    def eos_ids(self) -> frozenset[int]:
+        """Ids that end a generation: the config's, generation_config.json's (Llama 3 Instruct lists <|eot_id|>
+        only there, and transformers' generate stops on them) and the tokenizer's own (a Llama 3 base config lists
+        only <|end_of_text|>, but a chat turn ends with <|eot_id|>)."""
+        own = set(self.tokenizer.eos_ids) if _has_tokenizer(self) else set()
+        return frozenset(self.config.eos_token_ids) | _generation_eos(self.path) | own
 
     def session(self):
         return self.backend.session()
@@ -107,10 +116,7 @@ class _Stream:
     def _run(self) -> Iterator[str]:
         m, s = self.model, self.session
         has_tok = _has_tokenizer(m)
-        # The config's eos ids, generation_config.json's (Llama 3 Instruct lists <|eot_id|> only there, and
-        # transformers' generate stops on them) and the tokenizer's own (a Llama 3 base config lists only
-        # <|end_of_text|>, but a chat turn ends with <|eot_id|>).
-        eos = set(m.config.eos_token_ids) | _generation_eos(m.path) | (set(m.tokenizer.eos_ids) if has_tok else set())
+        eos = m.eos_ids
         detok = m.tokenizer.stream() if has_tok else None
         t0 = time.perf_counter()
         logits = s.prefill(self.ids)
@@ -157,7 +163,7 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
 def _truncated(ids: list[int], room: int, max_new_tokens: int, bos: int | None, first_turn: bool) -> list[int]:
     """The end of a prompt too long for `room` positions, after its BOS (a model reads its first position as the
     start of a text), leaving room for the reply: max_new_tokens, or half the room when that is less."""
-    head = ids[:1] if first_turn and bos is not None and ids and ids[0] == bos else []
+    head = ids[:1] if first_turn and room > 1 and bos is not None and ids and ids[0] == bos else []
     keep = max(room - min(max_new_tokens, room // 2) - len(head), 1)
     return head + ids[len(ids) - keep:]
 
