@@ -292,6 +292,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         cli.main(standalone_mode=False)
+        if _SIGNALLED:      # raised where Python drops exceptions (a finalizer): the work finished, whole
+            click.echo("interrupted", err=True)
+            sys.exit(128 + _SIGNALLED[0])
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -66,3 +66,22 @@ def test_bad_usage_is_one_line_and_exit_2(args, export_dir, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "Error" not in lines[0].split(":")[1] and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_signal_whose_exception_python_dropped_still_ends_as_interrupted(monkeypatch, capsys):
+    """A signal handled inside a finalizer raises nowhere: the command ends normally, and main() still exits as
+    interrupted (128 + the signal), as the shell and a CI runner expect."""
+    import signal
+
+    from llamac import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_SIGNALLED", [])
+    monkeypatch.setattr(cli_module.cli, "main", lambda **kw: cli_module._SIGNALLED.append(signal.SIGTERM))
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_module.main()
+    finally:        # main() installs its handlers in this (the test) process
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
+    assert e.value.code == 128 + signal.SIGTERM and "interrupted" in capsys.readouterr().err

@@ -369,4 +369,7 @@ def test_interrupted_compile_leaves_nothing_behind(sig, root, tmp_path):
     p.send_signal(signum)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 128 + signum, err
-    assert not out.exists() and not _leftovers(tmp_path, "art")
+    assert _leftovers(tmp_path, "art") in ([], ["art"])                # no hidden staging directory
+    if out.exists():    # the exception landed where Python drops it (a finalizer): the artifact was finished whole
+        from llamac.runtime.tvm_backend import read_manifest, verify_files
+        verify_files(out, read_manifest(out))
