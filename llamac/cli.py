@@ -134,8 +134,9 @@ def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
 @click.option("--repetition-penalty", default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--truncate", is_flag=True, help="For a prompt longer than the context, keep its BOS and its end (leaving room for the reply) "
-              "instead of failing.")
+@click.option("--truncate", is_flag=True,
+              help="For a prompt longer than the context, keep its BOS and its end (leaving room for the reply) "
+                   "instead of failing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--emulate", is_flag=True, help="Run an artifact for another architecture (arm64) under qemu-user.")
