@@ -85,3 +85,16 @@ def test_a_signal_whose_exception_python_dropped_still_ends_as_interrupted(monke
         signal.signal(signal.SIGTERM, saved[0])
         signal.signal(signal.SIGINT, saved[1])
     assert e.value.code == 128 + signal.SIGTERM and "interrupted" in capsys.readouterr().err
+
+
+def test_signal_handler_turns_ctrl_c_and_sigterm_into_unwinding_exceptions(monkeypatch):
+    import signal
+
+    from llamac import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_SIGNALLED", [])
+    with pytest.raises(KeyboardInterrupt):
+        cli_module._on_signal(signal.SIGINT, None)
+    with pytest.raises(SystemExit) as e:
+        cli_module._on_signal(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM and cli_module._SIGNALLED == [signal.SIGINT, signal.SIGTERM]
