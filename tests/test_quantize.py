@@ -319,10 +319,14 @@ def test_dot_kernel_is_int8_activations_times_dequantized_weights(build_avx2, na
     f, tvm = build_avx2(tvm_dot.linear(s, k, n, "avx2"))
     y = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
     f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"]), y)
-    ref = q8_activations(x[0]) @ dequantize(qt).astype(np.float64)
+    deq = dequantize(qt).astype(np.float64)
+    ref = q8_activations(x[0]) @ deq
     assert np.abs(y.numpy()[0] - ref).max() <= 1e-5 * np.abs(ref).max()
-    exact = x[0] @ w                                    # and activation quantization costs little accuracy
-    assert np.abs(y.numpy()[0] - exact).max() <= 0.15 * np.abs(exact).max()
+    # and quantizing the activations costs little accuracy: against f32 activations times the same weights (the
+    # weights' own rounding is tested above); 1.5 % at most over 1,050 random draws of these shapes, so 3 % holds
+    # whatever the draw (a bound against x @ w would measure the q4 weight error, which some draws push past 20 %)
+    exact = x[0].astype(np.float64) @ deq
+    assert np.abs(y.numpy()[0] - exact).max() <= 0.03 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("kernel,name", [("dense", "f16"), ("lanes", "q4"), ("dot", "q8"), ("dot", "q4")])
