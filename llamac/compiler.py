@@ -36,6 +36,8 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
         is_export = (src / "model.onnx").is_file()
         with stage("export: " + ("SRC is an export directory, used as is" if is_export else f"{src.name} -> ONNX")):
             export_dir = _export_dir(src, Path(work) / "export", progress)
+        if group_size is not None:
+            _check_group_size(group_size, export_dir)
         if tgt.kind == "webgpu":  # its own pipeline: GPU schedules, wasm host, a page (llamac.web)
             from llamac.web.build import compile_webgpu
             compile_webgpu(export_dir, scheme.name, _context(max_seq_len, _model_context(export_dir)), tmp, progress)
@@ -69,6 +71,17 @@ def _scheme(quant: str, group_size: int | None) -> Scheme:
         raise InputError(f"--group-size applies to q4/q8, not {quant}")
     return get_scheme(f"q{scheme.bits}-g{group_size}" + ("-f32" if scheme.scale_dtype == "float32" and
                                                           scheme.bits == 4 else ""))
+
+
+def _check_group_size(group_size: int, export_dir: Path) -> None:
+    """A weight group wider than a layer's inputs would be padded with zeros up to the group: the storage and the
+    decode time of that layer multiplied for nothing. Refused, naming the widest that fits."""
+    from llamac.export.config import ModelConfig
+    cfg = ModelConfig.load(export_dir)
+    narrowest = min(cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size)
+    if group_size > narrowest:
+        raise InputError(f"--group-size {group_size} is wider than this model's narrowest layer input ({narrowest} "
+                         f"values); use at most {narrowest}")
 
 
 def _export_dir(src: Path, tmp_export: Path, progress: bool) -> Path:

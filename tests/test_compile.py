@@ -240,7 +240,7 @@ def _corrupt(export_dir: Path, dest: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("case", ["unknown target", "unknown scheme", "malformed target file", "missing compiler",
                                   "webgpu with q8", "truncated weights", "garbage graph", "no config",
-                                  "bad config", "missing source", "context too long"])
+                                  "bad config", "missing source", "context too long", "group wider than a layer"])
 def test_bad_input(case, root, tmp_path):
     _, export_dir = exported(root, "llama2_mha")
     src, target, quant, kw = export_dir, "x86_64", "q4", {}
@@ -263,15 +263,20 @@ def test_bad_input(case, root, tmp_path):
         src = tmp_path / "nowhere"
     elif case == "context too long":
         kw["max_seq_len"] = 10 ** 6
+    elif case == "group wider than a layer":
+        kw["group_size"] = 128      # the model's hidden size is 64: every group would be half zeros
     out = tmp_path / "art"
     with pytest.raises(InputError) as e:
         from llamac.compiler import compile_model
-        compile_model(src, target, quant=quant, out=out, progress=False, max_seq_len=kw.get("max_seq_len", 32))
+        compile_model(src, target, quant=quant, out=out, progress=False, max_seq_len=kw.get("max_seq_len", 32),
+                      group_size=kw.get("group_size"))
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 300
     assert not out.exists() and not _leftovers(tmp_path, "art")
     if case == "missing compiler":
         assert "no-such-cross-g++" in msg and "g++-no-such" in msg
+    if case == "group wider than a layer":
+        assert "--group-size 128" in msg and "at most 64" in msg
 
 
 def test_existing_output_needs_force(root, tmp_path):
