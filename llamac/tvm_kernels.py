@@ -15,6 +15,7 @@ order of additions differs, so the artifact computes what `llamac inspect --dequ
   query row only the keys up to its last visible one (`visible_extent`): a causal prefill does half the work.
 - `attention`: the three in one pass (online softmax), used when the graph's mask is recognised; the others
   remain for graphs where it is not. `masked_softmax`: softmax(where(visible, scores, f32 min)) over the same keys.
+- `rms_norm`: RMSNorm per row, with the residual add in front of it; `silu_mul`: SwiGLU's gate * sigmoid(gate) * up.
 """
 from __future__ import annotations
 
@@ -660,6 +661,69 @@ def masked_softmax(rows: int):
                 out[0, r, s, j] = T.float32(0)
 
     return masked_softmax
+
+
+def rms_norm(width: int, eps: float, residual: bool):
+    """The exporter's RMSNorm over each row of [1, S, width], in f32: y = x / sqrt(mean(x^2) + eps) * w. With
+    `residual`, x = a + b first (the residual add in front of every norm but the first) and x is a second output,
+    the stream the next block adds to. One kernel where the generic path runs three (the add, x * x, the rest) and a
+    VM allocation for each; 8 lanes at a time, and one row needs no thread-pool launch."""
+    W = width
+    WV = W // 8 * 8
+
+    @T.macro
+    def row(a, b, x, w, y, s):
+        acc = T.alloc_buffer((8,), "float32")
+        r = T.alloc_buffer((1,), "float32")
+        acc[0:8] = _bc(0.0)
+        for i in range(W // 8):
+            if residual:
+                x[0, s, i * 8:i * 8 + 8] = a.vload([0, s, i * 8], "float32x8") + b.vload([0, s, i * 8], "float32x8")
+            acc[0:8] = acc.vload([0], "float32x8") + x.vload([0, s, i * 8], "float32x8") * x.vload(
+                [0, s, i * 8], "float32x8")
+        r[0] = _hsum8(acc.vload([0], "float32x8"))
+        for i in range(WV, W):
+            if residual:
+                x[0, s, i] = a[0, s, i] + b[0, s, i]
+            r[0] = r[0] + x[0, s, i] * x[0, s, i]
+        r[0] = T.sqrt(r[0] / T.float32(W) + T.float32(eps))
+        for i in range(W // 8):
+            y[0, s, i * 8:i * 8 + 8] = x.vload([0, s, i * 8], "float32x8") / T.broadcast(r[0], 8) * w.vload(
+                [i * 8], "float32x8")
+        for i in range(WV, W):
+            y[0, s, i] = x[0, s, i] / r[0] * w[i]
+
+    attrs = {"tirx.noalias": True, "llamac.kernel": "rms_norm", "op_pattern": OPAQUE}
+    if residual:
+        @T.prim_func(private=True)
+        def add_rms_norm(a_h: T.handle, b_h: T.handle, w: T.Buffer((W,), "float32"), x_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            a = T.match_buffer(a_h, (1, S, W), "float32")
+            b = T.match_buffer(b_h, (1, S, W), "float32")
+            x = T.match_buffer(x_h, (1, S, W), "float32")
+            y = T.match_buffer(y_h, (1, S, W), "float32")
+            if S == 1:
+                row(a, b, x, w, y, T.int64(0))
+            else:
+                for s in T.parallel(S):
+                    row(a, b, x, w, y, s)
+
+        return add_rms_norm
+
+    @T.prim_func(private=True)
+    def rms_norm(x_h: T.handle, w: T.Buffer((W,), "float32"), y_h: T.handle):
+        T.func_attr(attrs)
+        S = T.int64()
+        x = T.match_buffer(x_h, (1, S, W), "float32")
+        y = T.match_buffer(y_h, (1, S, W), "float32")
+        if S == 1:
+            row(x, x, x, w, y, T.int64(0))
+        else:
+            for s in T.parallel(S):
+                row(x, x, x, w, y, s)
+
+    return rms_norm
 
 
 def silu_mul(width: int):

@@ -7,6 +7,8 @@ What changes (everything else in the graph stays as the importer built it):
   per-step copy of the cache exists, and the present.* outputs disappear (the caller owns the cache buffers).
 - Linear layers: `matmul(x, W)` with W a weight parameter becomes a call of the dequantizing kernel of the scheme, on
   packed parameters (codes + scales); `take(W, ids)` on an embedding becomes the matching gather kernel.
+- RMSNorm: x / sqrt(mean(x * x) + eps) * weight becomes one kernel, with the residual add that makes x (its sum is
+  the kernel's second output): one kernel where the generic path runs three.
 - Logits: the lm_head runs on the last position only ([1, 1, vocab]): a session only needs those.
 
 New signature (of "main", any seq, and "decode", seq = 1): f(input_ids [1, seq], attention_mask [1, total],
@@ -29,7 +31,7 @@ from llamac.tvm_import import Imported
 
 _OP = {n: tvm.ir.Op.get(f"relax.{n}") for n in
        ("concat", "matmul", "permute_dims", "expand_dims", "reshape", "take", "astype", "shape_of", "where",
-        "nn.softmax", "multiply", "sigmoid")}
+        "nn.softmax", "multiply", "sigmoid", "add", "divide", "sqrt", "mean")}
 FILL_LOW = -1e38      # where(mask, scores, fill) with a fill at least this low is masking (the exporter uses f32 min)
 
 
@@ -217,6 +219,9 @@ class _StepRewriter(relax.PyExprMutator):
         self.score_masks = self._score_masks(func)
         self.siblings = self._sibling_linears(func)     # call -> the calls that share its input and kernel
         self.sibling_out: dict = {}    # call -> its output, once its group is emitted
+        self.norms = self._rms_norms(func)              # final multiply of an RMSNorm -> (x, weight, eps, add)
+        self.norm_of_add = {v[3]: k for k, v in self.norms.items() if v[3] is not None}
+        self.norm_out: dict = {}       # final multiply -> the fused kernel's normalized output
 
     # ---- driving
     def rewrite_body(self, func: relax.Function) -> relax.Expr:
@@ -347,6 +352,73 @@ class _StepRewriter(relax.PyExprMutator):
                     siblings.update({c: group for c in group})
         return siblings
 
+    def _rms_norms(self, func) -> dict:
+        """The exporter's RMSNorm in f32, x / sqrt(mean(x * x, -1) + eps) * weight: its last multiply -> (x, weight,
+        eps, the residual add(a, b) that makes x, or None). Each becomes one `tvm_kernels.rms_norm` kernel, the
+        residual add included (a graph of another shape, or an f16 one, keeps its generic kernels)."""
+        norms, adds_taken = {}, set()
+        for b in _bindings(func):
+            call = b.value
+            if not _call_op(call, "multiply"):
+                continue
+            for y, w in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                found = self._rms_norm_parts(y, w)
+                if found is None:
+                    continue
+                x, eps = found
+                add = self._producer(x, ())
+                residual = add if _call_op(add, "add") and add not in adds_taken and all(
+                    _is_row_tensor(e, x.ty.shape) for e in add.args) else None
+                if residual is not None:
+                    adds_taken.add(residual)
+                norms[call] = (x, w, eps, residual)
+                break
+        return norms
+
+    def _rms_norm_parts(self, y, w):
+        """(x, eps) if y = x / sqrt(mean(x * x, -1, keepdims) + eps) in f32 and w is a plain weight of x's width."""
+        if not (w in self.by_var and self.by_var[w] not in self.packed and isinstance(y, relax.Var)
+                and y.ty.dtype == "float32"):
+            return None
+        div = self._producer(y, ())
+        if not _call_op(div, "divide"):
+            return None
+        x = div.args[0]
+        sqrt = self._producer(div.args[1], ())
+        add = self._producer(sqrt.args[0], ()) if _call_op(sqrt, "sqrt") else None
+        if not _call_op(add, "add") or not isinstance(add.args[1], tvm.ir.expr.Constant) or \
+                add.args[1].value.numpy().size != 1:
+            return None
+        mean = self._producer(add.args[0], ())
+        if not _call_op(mean, "mean") or not mean.attrs.keepdims or [int(a) % 3 for a in mean.attrs.axis] != [2]:
+            return None
+        sq = self._producer(mean.args[0], ())
+        if not (_call_op(sq, "multiply") and sq.args[0].same_as(x) and sq.args[1].same_as(x)):
+            return None
+        if not _is_row_tensor(x, x.ty.shape) or w.ty.dtype != "float32" or w.ty.shape is None or \
+                len(w.ty.shape.values) != 1 or not _same_dim(w.ty.shape.values[0], x.ty.shape.values[-1]):
+            return None
+        return x, float(add.args[1].value.numpy())
+
+    def _rms_norm(self, call):
+        if call in self.norm_out:           # made with its residual add
+            return self.norm_out[call]
+        x, w, eps, _ = self.norms[call]
+        width = int(x.ty.shape.values[-1])
+        gv = self._kernel(("rms_norm", width, eps), lambda: tvm_kernels.rms_norm(width, eps, False))
+        return relax.call_tir(gv, [self.visit_expr(x), self.visit_expr(w)], x.ty)
+
+    def _add_rms_norm(self, add):
+        """The residual add in front of a norm, as the fused kernel's first output (its second: the norm)."""
+        final = self.norm_of_add[add]
+        x, w, eps, _ = self.norms[final]
+        width = int(x.ty.shape.values[-1])
+        gv = self._kernel(("add_rms_norm", width, eps), lambda: tvm_kernels.rms_norm(width, eps, True))
+        out = self._emit(relax.call_tir(gv, [self.visit_expr(add.args[0]), self.visit_expr(add.args[1]),
+                                             self.visit_expr(w)], [x.ty, x.ty]))
+        self.norm_out[final] = self._emit(relax.TupleGetItem(out, 1))
+        return relax.TupleGetItem(out, 0)
+
     def _kernel(self, key, make):
         if key not in self.kernels:
             self.kernels[key] = self.builder_.add_func(make(), f"{key[0]}_{len(self.kernels)}")
@@ -392,6 +464,10 @@ class _StepRewriter(relax.PyExprMutator):
             fused = self._masked_softmax(call)
             if fused is not None:
                 return fused
+        if call in self.norm_of_add:
+            return self._add_rms_norm(call)
+        if call in self.norms:
+            return self._rms_norm(call)
         if _call_op(call, "multiply"):
             fused = self._silu_mul(call)
             if fused is not None:
@@ -558,6 +634,16 @@ class _StepRewriter(relax.PyExprMutator):
         if axis == 1:                                                # take(W[H, V], ids, axis=1) -> [H, 1, seq]
             out = relax.op.permute_dims(self._emit(out), [2, 0, 1])
         return self._like(out, call)
+
+
+def _is_row_tensor(expr, shape) -> bool:
+    """expr is an f32 [1, seq, width] tensor of the given shape, width static (a norm's input, a residual term)."""
+    if not (isinstance(expr, relax.Var) and expr.ty.dtype == "float32" and isinstance(expr.ty.shape, relax.ShapeExpr)
+            and isinstance(shape, relax.ShapeExpr)):
+        return False
+    dims, want = list(expr.ty.shape.values), list(shape.values)
+    return (len(dims) == 3 and len(want) == 3 and _equal(dims[0], 1) and isinstance(dims[2], (int, tvm.tirx.IntImm))
+            and all(_same_dim(a, b) for a, b in zip(dims, want)))
 
 
 def _same_rows(q, p) -> bool:

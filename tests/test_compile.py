@@ -110,6 +110,35 @@ def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
         assert sorted(outputs) == sorted([3, 1, 2, 1] * layers + [1]), fname
 
 
+def test_rms_norms_are_one_kernel_with_their_residual_add(root, tmp_path, monkeypatch):
+    """Every RMSNorm is one kernel, and the residual add in front of it (all but the first layer's input norm) is
+    part of it: 2 x layers add_rms_norm and one rms_norm per step function, no mean left to the generic path (the
+    results are checked against transformers above)."""
+    import tvm
+    from tvm import relax
+
+    from llamac import tvm_rewrite
+
+    plans = []
+    real = tvm_rewrite.rewrite
+    monkeypatch.setattr(tvm_rewrite, "rewrite", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    _, export_dir = exported(root, "llama3_gqa_tied")
+    art = compile_tiny(export_dir, tmp_path / "art", "x86_64", "q8")
+    layers = json.loads((art / "manifest.json").read_text())["model"]["num_hidden_layers"]
+    mod = plans[0].mod
+    for fname in ("main", "decode"):
+        kernels, ops = [], []
+        for block in mod[fname].body.blocks:
+            for b in block.bindings:
+                v = b.value
+                if isinstance(v, relax.Call) and v.op.name == "relax.call_tir":
+                    kernels.append(v.args[0].name_hint.rsplit("_", 1)[0])
+                elif isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+                    ops.append(v.op.name)
+        assert kernels.count("add_rms_norm") == 2 * layers and kernels.count("rms_norm") == 1, (fname, kernels)
+        assert "relax.mean" not in ops and "relax.sqrt" not in ops, (fname, ops)
+
+
 def test_decode_step_moves_heads_without_copy_kernels(root, tmp_path):
     """At seq = 1 the attention's head transposes move only size-1 axes: the decode step runs them as views, while
     the prefill step, where they do move data, keeps its transpose kernels (results: checked above)."""
