@@ -103,6 +103,12 @@ def load_export(export_dir: Path) -> tuple[onnx.ModelProto, ModelConfig, WeightS
             if f"past_key_values.{layer}.{kind}" not in names:
                 raise InputError(f"{onnx_path}: graph has no input past_key_values.{layer}.{kind} "
                                  f"(config says {cfg.num_layers} layers)")
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    if past.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        # the compiler chooses the weights' format itself (--quant); TVM's fusion fails on an f16 graph's casts
+        kind = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name
+        raise InputError(f"{export_dir}: a {kind} export; compile reads f32 ones: compile the checkpoint itself or "
+                         f"an export made without --dtype (the weights' format is --quant's, e.g. --quant f16)")
     infos = _detach_weights(model, export_dir)
     return model, cfg, WeightStore(export_dir, infos)
 

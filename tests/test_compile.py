@@ -269,7 +269,8 @@ def _corrupt(export_dir: Path, dest: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("case", ["unknown target", "unknown scheme", "malformed target file", "missing compiler",
                                   "webgpu with q8", "truncated weights", "garbage graph", "no config",
-                                  "bad config", "missing source", "context too long", "group wider than a layer"])
+                                  "bad config", "missing source", "context too long", "group wider than a layer",
+                                  "f16 export"])
 def test_bad_input(case, root, tmp_path):
     _, export_dir = exported(root, "llama2_mha")
     src, target, quant, kw = export_dir, "x86_64", "q4", {}
@@ -292,6 +293,9 @@ def test_bad_input(case, root, tmp_path):
         src = tmp_path / "nowhere"
     elif case == "context too long":
         kw["max_seq_len"] = 10 ** 6
+    elif case == "f16 export":
+        from llamac.export.exporter import export
+        src = export(root / "llama2_mha" / "hf", tmp_path / "onnx16", dtype="f16", progress=False)
     elif case == "group wider than a layer":
         kw["group_size"] = 128      # the model's hidden size is 64: every group would be half zeros
     out = tmp_path / "art"
@@ -306,6 +310,8 @@ def test_bad_input(case, root, tmp_path):
         assert "no-such-cross-g++" in msg and "g++-no-such" in msg
     if case == "group wider than a layer":
         assert "--group-size 128" in msg and "at most 64" in msg
+    if case == "f16 export":
+        assert "float16 export" in msg and "--quant" in msg
 
 
 def test_existing_output_needs_force(root, tmp_path):
