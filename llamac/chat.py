@@ -55,7 +55,7 @@ def chat_loop(model, system: str | None = None, template: str | None = None, max
             write(piece)
         g = stream.result
         write("\n")
-        fed = (ids + g.tokens)[:sess.n_past]
+        fed = (ids + g.tokens + ([g.end_token] if g.end_token is not None else []))[:sess.n_past]
         messages.append({"role": "assistant", "content": g.text.strip()})
 
 

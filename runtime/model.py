@@ -24,6 +24,7 @@ class Generation:
     stop_reason: str          # "eos", "stop", "length" or "context"
     prefill_s: float
     decode_s: float
+    end_token: int | None = None    # the end-of-sequence id sampled when stop_reason is "eos" (not in tokens)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -70,14 +71,15 @@ class Model:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = (), stream: bool = False, session=None,
+                 seed: int | None = None, stop: str | Sequence[str] = (), stream: bool = False, session=None,
                  add_bos: bool = True, truncate: bool = False):
         """Generate up to max_new_tokens; returns a Generation, or with stream=True an iterator of text pieces
-        (its .result is set when it ends). Pass `session` to continue a conversation in the same KV cache."""
+        (its .result is set when it ends). `stop`: a string or several. Pass `session` to continue a conversation in
+        the same KV cache: when the call ends, the cache holds the prompt, the reply and its end-of-sequence token."""
         it = _Stream(self, prompt, max_new_tokens, Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
                                                            min_p=min_p, repetition_penalty=repetition_penalty,
                                                            seed=seed),
-                     tuple(stop), session, add_bos, truncate)
+                     (stop,) if isinstance(stop, str) else tuple(stop), session, add_bos, truncate)
         if stream:
             return it
         for _ in it:
@@ -95,6 +97,7 @@ class _Stream:
         self.model, self.sampler, self.stop = model, sampler, stop
         self.max_new_tokens = max_new_tokens
         self.session = session if session is not None else model.session()
+        self.continued = session is not None    # the caller's session: leave the whole reply in its cache
         # Only the first turn of a session starts with BOS.
         self.ids = model.encode_prompt(prompt, add_bos=add_bos and self.session.n_past == 0)
         room = self.session.max_seq_len - self.session.n_past
@@ -123,8 +126,9 @@ class _Stream:
         t1 = time.perf_counter()
         history, tokens, text, reason = list(self.ids), [], "", "length"
         shown = 0       # text[:shown] is out; the rest is held back while it could be the start of a stop string
+        pending = None  # the last sampled token, until it is decoded into the cache
         for n in range(self.max_new_tokens):
-            tok = self.sampler(logits, history)
+            tok = pending = self.sampler(logits, history)
             if tok in eos:
                 reason = "eos"
                 break
@@ -145,11 +149,16 @@ class _Stream:
                 reason = "context"
                 break
             logits = s.decode(tok)
+            pending = None
+        t2 = time.perf_counter()
         if detok and reason != "stop":
             text += detok.flush()
         if len(text) > shown:
             yield text[shown:]
-        self.result = Generation(list(self.ids), tokens, text, reason, t1 - t0, time.perf_counter() - t1)
+        if self.continued and pending is not None and s.n_past < s.max_seq_len:
+            s.decode(pending)   # the next turn goes on after the last token (or the end-of-sequence one)
+        self.result = Generation(list(self.ids), tokens, text, reason, t1 - t0, t2 - t1,
+                                 pending if reason == "eos" else None)
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

@@ -113,3 +113,37 @@ def test_cli_run_bundled_without_model_argument(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
     assert len(out["tokens"]) == 16 and len(out["text"].split()) >= 6
+
+
+def test_a_session_continues_after_the_whole_reply(bundled_export):
+    """generate(session=s) leaves the prompt, the reply and its end-of-sequence token in the cache: the next turn
+    sees what one call on the whole text would (the last sampled token used to be left out)."""
+    from llamac.runtime import load
+
+    m = load(bundled_export)
+    s = m.session()
+    g1 = m.generate("In the beginning", max_new_tokens=5, session=s)
+    assert g1.stop_reason == "length" and s.n_past == len(g1.prompt_tokens) + len(g1.tokens)
+    more = m.tokenizer.encode(" And God said")
+    g2 = m.generate(more, max_new_tokens=8, session=s)
+    assert g2.tokens == m.generate(g1.prompt_tokens + g1.tokens + more, max_new_tokens=8).tokens
+
+    s = m.session()
+    free = m.generate("In the beginning", max_new_tokens=12)
+    end = next(i for i in range(1, 12) if free.tokens[i] not in free.tokens[:i])
+    m.__dict__["eos_ids"] = {free.tokens[end]}        # a greedy token that ends the reply where it first comes
+    g = m.generate("In the beginning", max_new_tokens=12, session=s)
+    assert g.stop_reason == "eos" and g.tokens == free.tokens[:end] and g.end_token == free.tokens[end]
+    assert s.n_past == len(g.prompt_tokens) + len(g.tokens) + 1
+    logits = s.prefill(more)
+    ref = m.session().prefill(g.prompt_tokens + free.tokens[:end + 1] + more)
+    assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 1e-4
+
+
+def test_a_stop_string_given_alone_is_one_string(bundled_export):
+    from llamac.runtime import load
+
+    m = load(bundled_export)
+    free = m.generate("And God said", max_new_tokens=30).text
+    stop = free[10:16]
+    assert m.generate("And God said", max_new_tokens=30, stop=stop).text == free[:free.index(stop)]
