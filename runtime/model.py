@@ -121,6 +121,8 @@ class _Stream:
         has_tok = _has_tokenizer(m)
         eos = m.eos_ids
         detok = m.tokenizer.stream() if has_tok else None
+        # a vocabulary padded past the tokenizer's (rows no text maps to): sample only ids the tokenizer can write
+        offered = max(m.tokenizer.vocab_size, max(eos, default=-1) + 1) if has_tok else None
         t0 = time.perf_counter()
         logits = s.prefill(self.ids)
         t1 = time.perf_counter()
@@ -128,7 +130,7 @@ class _Stream:
         shown = 0       # text[:shown] is out; the rest is held back while it could be the start of a stop string
         pending = None  # the last sampled token, until it is decoded into the cache
         for n in range(self.max_new_tokens):
-            tok = pending = self.sampler(logits, history)
+            tok = pending = self.sampler(logits[:offered], history)
             if tok in eos:
                 reason = "eos"
                 break

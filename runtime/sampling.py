@@ -8,6 +8,7 @@ numpy Generator, so the same seed and the same logits give the same tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -27,16 +28,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:      # written so that NaN fails too
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.repetition_window < 0:
             raise InputError(f"repetition_window must be >= 0, got {self.repetition_window}")
 
@@ -47,6 +48,7 @@ def apply_repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty:
     if penalty == 1.0 or len(recent) == 0:
         return out
     ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids = ids[ids < out.size]       # ids past the logits given (a prompt may use ids the sampler is not offered)
     vals = out[ids]
     out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
     return out

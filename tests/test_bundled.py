@@ -147,3 +147,17 @@ def test_a_stop_string_given_alone_is_one_string(bundled_export):
     free = m.generate("And God said", max_new_tokens=30).text
     stop = free[10:16]
     assert m.generate("And God said", max_new_tokens=30, stop=stop).text == free[:free.index(stop)]
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(bundled_export):
+    """A model whose vocabulary is padded past its tokenizer's: generation samples only ids the tokenizer can write
+    (it used to stop with a ValueError when the model picked a padding row). Here the tokenizer is cut below the
+    largest id the free reply uses."""
+    from llamac.runtime import load
+
+    m = load(bundled_export)
+    free = m.generate("And God said", max_new_tokens=16)
+    m.tokenizer.vocab_size = max(free.tokens)
+    g = m.generate("And God said", max_new_tokens=16)
+    assert g.tokens and max(g.tokens) < m.tokenizer.vocab_size
+    assert g.tokens[:free.tokens.index(max(free.tokens))] == free.tokens[:free.tokens.index(max(free.tokens))]

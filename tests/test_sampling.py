@@ -114,7 +114,15 @@ def test_same_seed_same_tokens():
 
 
 def test_bad_parameters_are_refused():
+    nan, inf = float("nan"), float("inf")
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
-                dict(repetition_penalty=0.0), dict(repetition_window=-1)):
+                dict(repetition_penalty=0.0), dict(repetition_window=-1), dict(temperature=nan), dict(temperature=inf),
+                dict(repetition_penalty=nan), dict(repetition_penalty=inf), dict(top_p=nan), dict(min_p=nan)):
         with pytest.raises(InputError):
             SamplingParams(**bad)
+
+
+def test_the_penalty_ignores_ids_past_the_logits():
+    """A prompt may hold ids the sampler is not offered (a vocabulary padded past the tokenizer's)."""
+    logits = np.array([1.0, 3.0, 2.0], np.float32)
+    assert Sampler(repetition_penalty=2.0).sample(logits, [1, 7]) == 2
