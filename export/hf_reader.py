@@ -35,10 +35,15 @@ def _index_safetensors(path: Path) -> dict[str, tuple[Path, str, list[int], int]
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{path.name}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path.name}: corrupt safetensors header (not a JSON object)")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not _well_formed(info):
+            raise InputError(f"{path.name}: corrupt safetensors header (tensor {name}: needs dtype, shape and "
+                             f"data_offsets)")
         start, end = info["data_offsets"]
         if 8 + n + end > size:
             raise InputError(f"{path.name}: truncated safetensors file (tensor {name} runs past the end)")
@@ -51,6 +56,27 @@ def _index_safetensors(path: Path) -> dict[str, tuple[Path, str, list[int], int]
     return out
 
 
+def _well_formed(info) -> bool:
+    """A safetensors header entry: {"dtype": str, "shape": [ints >= 0], "data_offsets": [start <= end]}."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ints = (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                   for x in v))
+    return ints(shape) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
+
+
+def _weight_map(index_file: Path) -> dict[str, str]:
+    """The tensor -> shard file map of a sharded checkpoint's index."""
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise InputError(f"{index_file}: unreadable index ({type(e).__name__})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index_file}: no weight_map object naming a shard file per tensor")
+    return weight_map
+
+
 class HFCheckpoint:
     """A Hugging Face Llama directory. `tensor(name)` returns one tensor as float32/float16, HF layout."""
 
@@ -59,8 +85,7 @@ class HFCheckpoint:
         self.config = ModelConfig.load(self.src / "config.json")
         index_file = self.src / "model.safetensors.index.json"
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted({self.src / f for f in weight_map.values()})
+            files = sorted({self.src / f for f in _weight_map(index_file).values()})
         else:
             files = sorted(self.src.glob("*.safetensors"))
         if not files:

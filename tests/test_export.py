@@ -165,6 +165,20 @@ def _drop_tensor(d: Path, name: str, reshape: bool = False) -> None:
     save_file(tensors, f)
 
 
+def _rewrite_header(d: Path, edit) -> None:
+    """Replace the safetensors header of d/model.safetensors by edit(header) (data left as it is)."""
+    import struct
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    head = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    f.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+
+
+def _shard_index(d: Path, text: str) -> None:
+    (d / "model.safetensors.index.json").write_text(text)
+
+
 BAD_INPUTS = {
     "missing config.json": (lambda d: (d / "config.json").unlink(), "no config.json"),
     "missing tensor": (lambda d: _drop_tensor(d, "model.layers.1.mlp.up_proj.weight"),
@@ -173,6 +187,12 @@ BAD_INPUTS = {
                          "model.layers.0.self_attn.k_proj.weight has shape"),
     "truncated safetensors": (lambda d: (d / "model.safetensors").write_bytes(
         (d / "model.safetensors").read_bytes()[:-100]), "truncated"),
+    "header not an object": (lambda d: _rewrite_header(d, lambda h: list(h)), "not a JSON object"),
+    "header entry without offsets": (lambda d: _rewrite_header(d, lambda h: {
+        k: ({x: y for x, y in v.items() if x != "data_offsets"} if k != "__metadata__" else v) for k, v in h.items()}),
+        "needs dtype, shape and data_offsets"),
+    "index not JSON": (lambda d: _shard_index(d, "{weight_map: "), "unreadable index"),
+    "index without weight_map": (lambda d: _shard_index(d, '{"metadata": {}}'), "no weight_map"),
     "unsupported rope": (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                     "rope_theta": 1e4}), "unsupported rope"),
     "unsupported architecture": (lambda d: _edit_config(d, architectures=["MistralForCausalLM"], model_type="mistral"),
