@@ -216,14 +216,15 @@ class TVMModel:
         self.config = ModelConfig.from_hf_dict(m["model"])
         self.max_seq_len = int(m["max_seq_len"])
         # TVM's default pool on x86 is half the CPUs (it assumes hyper-threads): ask for every usable core
-        threads = int(threads or os.environ.get("TVM_NUM_THREADS") or usable_cores())
-        os.environ["TVM_NUM_THREADS"] = str(threads)
+        self.threads = threads = int(threads or _USER_THREADS or _CORES)
+        if _POOL["threads"] is None:
+            # TVM reads TVM_NUM_THREADS at every parallel launch (1: no pool) and makes its pool, once, that large:
+            # room for every core, so that a later model may use more threads than this one
+            os.environ["TVM_NUM_THREADS"] = str(max(threads, _CORES))
         tvm = _import_tvm_runtime()
         self._tvm = tvm
-        self.threads = threads
-        cfg = tvm.get_global_func("runtime.config_threadpool", True)
-        if cfg is not None:
-            cfg(0, threads)               # in case the pool already started with another size
+        self._config_pool = tvm.get_global_func("runtime.config_threadpool", True)
+        self._use_threads()
         self._dev = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.path / m["library"]))
         self._vm = tvm.runtime.vm.VirtualMachine(lib, self._dev)
@@ -249,17 +250,36 @@ class TVMModel:
         self._blob = blob
         return tvm.runtime.convert(tensors)     # one FFI array, built once (a list is converted on every call)
 
+    def _use_threads(self) -> None:
+        """Size TVM's thread pool (one per process, shared by every model) to this model's thread count."""
+        if _POOL["threads"] == self.threads or self._config_pool is None:
+            return
+        if _AFFINITY:       # configuring binds the calling thread to as many cores as the pool has threads
+            os.sched_setaffinity(0, _AFFINITY)
+        self._config_pool(0, self.threads)
+        _POOL["threads"] = self.threads
+
     def session(self) -> "TVMSession":
         return TVMSession(self)
 
     def step(self, ids: np.ndarray, n_past: int, caches: list, stage: "_Inputs") -> np.ndarray:
+        self._use_threads()
         total = n_past + ids.shape[1]
         f = self._decode if ids.shape[1] == 1 else self._main
         return _last_logits(f(*stage.tensors(ids, n_past, total), *caches, self._params))
 
     def step_token(self, token: int, n_past: int, caches: list, stage: "_Inputs") -> np.ndarray:
         """`step` for one token that the caller has checked (the decode loop's path: no array is built)."""
+        if _POOL["threads"] != self.threads:
+            self._use_threads()
         return _last_logits(self._decode(*stage.one_token(token, n_past), *caches, self._params))
+
+
+_POOL = {"threads": None}    # the size TVM's pool was last given (by the model that ran last)
+# taken at import, before a model sets TVM_NUM_THREADS or TVM binds this thread to the pool's cores
+_USER_THREADS = os.environ.get("TVM_NUM_THREADS")
+_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+_CORES = usable_cores()
 
 
 def _last_logits(out) -> np.ndarray:

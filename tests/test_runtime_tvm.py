@@ -49,6 +49,24 @@ def test_thousand_decode_steps_keep_memory_flat_and_logits_intact(tmp_path):
     assert rss[1] - rss[0] < 2 * 2**20, f"RSS grew by {(rss[1] - rss[0]) / 2**20:.1f} MiB over 900 decode steps"
 
 
+def test_one_models_threads_leave_the_next_ones_alone(tmp_path):
+    """load(threads=1) sizes TVM's pool (one per process) for that model only: a later load() still defaults to
+    every usable core, and the pool follows whichever model runs (TVM binds the calling thread to as many cores as
+    its pool has, which a later default once counted as 1; and it never grows a pool past its first size)."""
+    import tvm
+
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    art = compile_model(tmp_path / "hf", "x86_64", quant="q8", max_seq_len=16, out=tmp_path / "art", progress=False)
+    one = load(art, threads=1)
+    default = load(art)
+    assert default.backend.threads == int(tvm_backend._USER_THREADS or tvm_backend._CORES)
+    pool = tvm.get_global_func("runtime.NumThreads")
+    a = one.generate([1, 2, 3], max_new_tokens=4)
+    assert pool() == 1
+    b = default.generate([1, 2, 3], max_new_tokens=4)
+    assert pool() == default.backend.threads and a.tokens == b.tokens
+
+
 def test_decode_checks_its_token_and_the_context_like_a_prompt(tmp_path):
     make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
     art = compile_model(tmp_path / "hf", "x86_64", quant="q8", max_seq_len=6, out=tmp_path / "art", progress=False)
