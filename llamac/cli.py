@@ -64,7 +64,7 @@ def inspect(path: Path, dequantize: Path | None) -> None:
 @click.option("--target", "-t", default=None,
               help="Target name (see `llamac targets`) or a .toml file. Default: the best target for this machine.")
 @click.option("--quant", "-q", default="q4", show_default=True, help="Quantization scheme: f32, f16, q8, q4.")
-@click.option("--group-size", type=click.IntRange(min=1), default=None, help="q4 group size along the input dimension (default 32).")
+@click.option("--group-size", type=click.IntRange(min=1), default=None, help="q4/q8: inputs per scale, a multiple of 8 (default: q4 32, q8 one scale per output channel).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache capacity (default: the model's context, at most 4096).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -101,9 +101,13 @@ def _bundled_checkpoint() -> Path:
 
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise InputError(f"--ids expects comma-separated integers, got {text!r}") from None
+    for i in ids:
+        if not 0 <= i < 2 ** 31:
+            raise InputError(f"--ids: token id {i} is outside any vocabulary")
+    return ids
 
 
 def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
@@ -197,14 +201,13 @@ def _print_result(prompt_tokens: list[int], tokens: list[int], text: str, stop_r
 
 @cli.command()
 @click.argument("art", type=click.Path(path_type=Path))
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost by default).")
 def serve(art: Path, port: int, host: str) -> None:
     """Serve a WebGPU artifact's page (prompt box, streamed output) over HTTP."""
     from llamac.web.serve import serve as serve_page
 
-    click.echo(f"serving {art} on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
-    serve_page(art, port=port, host=host)
+    serve_page(art, port=port, host=host)      # checks the artifact and the port, then says where it serves
 
 
 @cli.command("bench")

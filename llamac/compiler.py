@@ -89,6 +89,8 @@ def _export_dir(src: Path, tmp_export: Path, progress: bool) -> Path:
         return src
     if not src.exists():
         raise InputError(f"{src} does not exist")
+    if (src / "manifest.json").is_file():
+        raise InputError(f"{src} is a compiled artifact; compile takes a checkpoint or an export directory")
     from llamac.export.exporter import export
     return export(src, tmp_export, progress=progress)
 

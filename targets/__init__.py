@@ -103,6 +103,10 @@ class Target:
         return d
 
 
+def _arch(name):
+    return "aarch64" if name == "arm64" else name
+
+
 def _parse(path: Path) -> Target:
     try:
         data = tomllib.loads(path.read_text())
@@ -118,11 +122,12 @@ def _parse(path: Path) -> Target:
         raise InputError(f"{path}: target file needs a name")
     if not isinstance(llvm.get("mtriple"), str) or not llvm["mtriple"]:
         raise InputError(f"{path}: target file needs llvm.mtriple (e.g. \"aarch64-linux-gnu\")")
-    arch = data.get("arch") or llvm["mtriple"].split("-")[0]
-    if arch == "arm64":
-        arch = "aarch64"
+    triple_arch = _arch(llvm["mtriple"].split("-")[0])
+    arch = _arch(data.get("arch") or triple_arch)
     if arch not in ARCHES:
         raise InputError(f"{path}: unsupported arch {arch!r} (supported: {', '.join(ARCHES)})")
+    if triple_arch in ARCHES and arch != triple_arch:     # the library would be built for the triple's CPU
+        raise InputError(f"{path}: arch {arch!r} contradicts llvm.mtriple {llvm['mtriple']!r}")
     mattr = llvm.get("mattr", [])
     cc_search = build.get("cc_search", [])
     lanes = build.get("lanes", 8)

@@ -55,6 +55,7 @@ def test_chat_reads_turns_until_exit(export_dir):
     ["run", "{art}", "-p", "hi", "--seed", "-1"],
     ["run", "{art}", "-p", "hi", "-n", "-3"], ["compile", "{art}"], ["perplexity", "{art}", "--text", "{latin1}"],
     ["compile", "{array_config}", "-o", "{tmp}/out"], ["no-such-command"],
+    ["run", "{art}", "--ids", "1,99999999999999999999"], ["serve", "{art}", "--port", "99999"],
 ])
 def test_bad_usage_is_one_line_and_exit_2(args, export_dir, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))

@@ -270,7 +270,7 @@ def _corrupt(export_dir: Path, dest: Path, how: str) -> Path:
 @pytest.mark.parametrize("case", ["unknown target", "unknown scheme", "malformed target file", "missing compiler",
                                   "webgpu with q8", "truncated weights", "garbage graph", "no config",
                                   "bad config", "missing source", "context too long", "group wider than a layer",
-                                  "f16 export"])
+                                  "f16 export", "artifact as source"])
 def test_bad_input(case, root, tmp_path):
     _, export_dir = exported(root, "llama2_mha")
     src, target, quant, kw = export_dir, "x86_64", "q4", {}
@@ -296,6 +296,8 @@ def test_bad_input(case, root, tmp_path):
     elif case == "f16 export":
         from llamac.export.exporter import export
         src = export(root / "llama2_mha" / "hf", tmp_path / "onnx16", dtype="f16", progress=False)
+    elif case == "artifact as source":
+        src = compiled(root, "llama3_gqa_tied", "q4")
     elif case == "group wider than a layer":
         kw["group_size"] = 128      # the model's hidden size is 64: every group would be half zeros
     out = tmp_path / "art"
@@ -310,6 +312,8 @@ def test_bad_input(case, root, tmp_path):
         assert "no-such-cross-g++" in msg and "g++-no-such" in msg
     if case == "group wider than a layer":
         assert "--group-size 128" in msg and "at most 64" in msg
+    if case == "artifact as source":
+        assert "is a compiled artifact" in msg
     if case == "f16 export":
         assert "float16 export" in msg and "--quant" in msg
 

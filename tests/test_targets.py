@@ -47,6 +47,7 @@ def test_user_target_file(tmp_path):
     ('name = "x"\n', "mtriple"),
     ('[llvm]\nmtriple = "aarch64-linux-gnu"\n', "name"),
     ('name = "x"\n[llvm]\nmtriple = "riscv64-linux-gnu"\n', "arch"),
+    ('name = "x"\narch = "x86_64"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n', "contradicts"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = "+neon"\n', "mattr"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\nlanes = 3\n', "lanes"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ndot = "vnni"\n', "build.dot must be one of"),
