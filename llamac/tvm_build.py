@@ -11,6 +11,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from llamac.errors import InputError
 from llamac.tvm_schedule import ScheduleCPU
 
 KERNEL_HELPER = Path(__file__).with_name("next_task.c")
@@ -103,7 +104,14 @@ def build(mod: tvm.IRModule, target_dict: dict, vector_lanes: int, out_path: Pat
 def link(ex, out_path: Path, cc: str | None = None) -> None:
     """Write the compiled module as a shared library, with the kernels' C helper (`next_task.c`) linked in."""
     kwargs = {"cc": cc} if cc else {}
-    ex.export_library(str(out_path), addons=[str(KERNEL_HELPER)], options=["-O2"], **kwargs)
+    try:
+        ex.export_library(str(out_path), addons=[str(KERNEL_HELPER)], options=["-O2"], **kwargs)
+    except RuntimeError as e:       # the linker's own messages, many lines: keep the one that says what failed
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower() and not line.startswith("Compilation error")]
+        why = (errors or lines or [""])[0]
+        raise InputError(f"linking the model library with {cc or 'the host compiler'} failed: {why[:240]} "
+                         f"(a compiler for another CPU than the target's?)") from e
 
 
 def load(ex) -> tvm.runtime.Module:

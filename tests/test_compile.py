@@ -270,7 +270,7 @@ def _corrupt(export_dir: Path, dest: Path, how: str) -> Path:
 @pytest.mark.parametrize("case", ["unknown target", "unknown scheme", "malformed target file", "missing compiler",
                                   "webgpu with q8", "truncated weights", "garbage graph", "no config",
                                   "bad config", "missing source", "context too long", "group wider than a layer",
-                                  "f16 export", "artifact as source"])
+                                  "f16 export", "artifact as source", "linker for another CPU"])
 def test_bad_input(case, root, tmp_path):
     _, export_dir = exported(root, "llama2_mha")
     src, target, quant, kw = export_dir, "x86_64", "q4", {}
@@ -285,6 +285,11 @@ def test_bad_input(case, root, tmp_path):
         target = tmp_path / "board.toml"
         target.write_text('name = "board"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n'
                           '[build]\ncc = "no-such-cross-g++"\ncc_package = "g++-no-such"\n')
+    elif case == "linker for another CPU":
+        target = tmp_path / "board.toml"
+        import platform     # the host's g++ linking objects of the other architecture
+        other = "x86_64-linux-gnu" if platform.machine() in ("aarch64", "arm64") else "aarch64-linux-gnu"
+        target.write_text(f'name = "board"\n[llvm]\nmtriple = "{other}"\n[build]\ncc = "g++"\n')
     elif case == "webgpu with q8":
         target, quant = "webgpu", "q8"
     elif case in ("truncated weights", "garbage graph", "no config", "bad config"):
@@ -312,6 +317,8 @@ def test_bad_input(case, root, tmp_path):
         assert "no-such-cross-g++" in msg and "g++-no-such" in msg
     if case == "group wider than a layer":
         assert "--group-size 128" in msg and "at most 64" in msg
+    if case == "linker for another CPU":
+        assert "linking the model library with" in msg and "g++" in msg
     if case == "artifact as source":
         assert "is a compiled artifact" in msg
     if case == "f16 export":
