@@ -22,6 +22,7 @@ def chat_loop(model, system: str | None = None, template: str | None = None, max
     with a note, and the chat goes on."""
     tok = model.tokenizer
     name = template or detect_template(tok, read_hf_template(model.path))
+    apply_chat_template([{"role": "user", "content": "hi"}], tok, name)   # a template the tokenizer lacks: now
     messages = [{"role": "system", "content": system}] if system else []
     first = len(messages)                   # index of the oldest turn
     room = min(max_new_tokens, model.max_seq_len // 2)

@@ -50,6 +50,11 @@ def test_chat_reads_turns_until_exit(export_dir):
     assert len(r.stdout.split()) > 3
 
 
+def test_chat_refuses_a_template_the_tokenizer_lacks_before_the_first_message(export_dir):
+    r = cli("chat", export_dir, "--template", "llama3", "-n", 4, stdin="And God said\n")
+    assert r.returncode == 2 and "<|start_header_id|>" in r.stderr and not r.stdout.strip(), (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("args", [
     ["bench", "{art}", "-p", "4", "-n", "2", "-r", "0"], ["bench", "{art}", "-p", "4", "-n", "2", "--threads", "-2"],
     ["run", "{art}", "-p", "hi", "--seed", "-1"],
