@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import onnx
 from onnx import TensorProto
 from tqdm import tqdm
 
-from llamac.errors import InputError, refuse_replacing_source
+from llamac.errors import InputError, check_output_dir, refuse_replacing_source, staging_dir
 
 from . import graph
 from .checkpoint import export_name, open_checkpoint
@@ -32,12 +31,10 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
         raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     out = Path(out)
     refuse_replacing_source(out, src)
-    if out.exists() and not force:
-        raise InputError(f"{out} already exists (pass --force to replace it)")
+    check_output_dir(out, force)
     ckpt = open_checkpoint(Path(src), tokenizer)
     cfg = ckpt.config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llamac.errors import InputError
+from llamac.errors import InputError, check_output_dir, staging_dir
 from llamac.quantize import dequantize as dequantize_tensor, scheme_from_json, unpack
 from llamac.runtime.tvm_backend import (FORMAT, FORMAT_VERSION, MANIFEST, is_webgpu_manifest, read_manifest,
                                        sha256_file, verify_files)
@@ -54,12 +54,8 @@ def hf_name(onnx_name: str) -> str:
 def staging(out: Path, force: bool = False) -> Iterator[Path]:
     """A temporary sibling of `out` to write into; renamed to `out` on success, removed on any failure."""
     out = Path(out)
-    if out.exists() and not force:
-        raise InputError(f"{out} already exists (pass --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    check_output_dir(out, force)
+    tmp = staging_dir(out)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)

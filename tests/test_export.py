@@ -222,3 +222,20 @@ def test_cli_export_and_inspect(tmp_path):
     assert "past_key_values.0.key" in r.stdout and "num_kv_heads: 2" in r.stdout and "total" in r.stdout
     r = run_cli("export", tmp_path / "hf", "-o", tmp_path / "out")
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_force_replaces_only_what_llamac_wrote(tmp_path):
+    """--force replaces a previous export (or artifact, or an empty directory), never another directory or a file:
+    nothing of the user's is lost, and each refusal is one line with exit 2."""
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for out, message in ((tmp_path / "mine", "not a llamac export or artifact"),
+                         (tmp_path / "file", "not a directory"), (tmp_path / "file" / "sub", "cannot write")):
+        r = run_cli("export", tmp_path / "hf", "-o", out, "--force")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+    assert run_cli("export", tmp_path / "hf", "-o", tmp_path / "out").returncode == 0
+    r = run_cli("export", tmp_path / "hf", "-o", tmp_path / "out", "--force")
+    assert r.returncode == 0, r.stderr
