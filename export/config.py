@@ -40,6 +40,12 @@ class ModelConfig:
                      "intermediate_size"):
             if int(getattr(self, name)) <= 0:
                 raise InputError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if int(self.max_position_embeddings) <= 0:
+            raise InputError(f"model config: the context (max_position_embeddings) must be positive, got "
+                             f"{self.max_position_embeddings}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not 0 < float(getattr(self, name)) < math.inf:      # NaN fails too
+                raise InputError(f"model config: {name} must be a positive number, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise InputError(f"model config: {self.num_heads} heads are not a multiple of {self.num_kv_heads} kv heads")
         if self.head_dim % 2:
@@ -96,7 +102,7 @@ class ModelConfig:
                 num_layers=int(d["num_hidden_layers"]),
                 num_heads=heads,
                 num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
+                head_dim=int(d.get("head_dim") or (hidden // heads if heads > 0 else 0)),
                 intermediate_size=int(d["intermediate_size"]),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,

@@ -80,7 +80,7 @@ class GGUFCheckpoint:
         try:
             hidden = int(self._field(a + "embedding_length"))
             heads = int(self._field(a + "attention.head_count"))
-            head_dim = int(self._field(a + "attention.key_length", hidden // heads))
+            head_dim = int(self._field(a + "attention.key_length", hidden // heads if heads > 0 else 0))
             vocab = self._field(a + "vocab_size")
             if vocab is None:
                 vocab = self._tensors["model.embed_tokens.weight"].shape[1]

@@ -239,3 +239,19 @@ def test_force_replaces_only_what_llamac_wrote(tmp_path):
     assert run_cli("export", tmp_path / "hf", "-o", tmp_path / "out").returncode == 0
     r = run_cli("export", tmp_path / "hf", "-o", tmp_path / "out", "--force")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(max_position_embeddings=0), "context"), (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps"), (dict(rope_theta=0.0), "rope_theta"),
+    (dict(num_attention_heads=0), "num_heads"), (dict(num_attention_heads=0, head_dim=None), "num_heads"),
+])
+def test_config_values_a_model_cannot_run_with_are_refused(change, message):
+    """Whatever the source format (HF, GGUF, llama2.c all build a ModelConfig): a context of 0 made every prompt too
+    long, a negative epsilon gave NaN logits, no heads a ZeroDivisionError."""
+    from llamac.export.config import ModelConfig
+
+    d = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5)
+    with pytest.raises(InputError, match=message):
+        ModelConfig.from_hf_dict({**d, **change})
