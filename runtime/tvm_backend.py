@@ -63,7 +63,33 @@ def read_manifest(path: Path) -> dict:
     for key in ("files", "weights", "library", "model", "max_seq_len", "target", "entry", "kv_cache"):
         if key not in m:
             raise InputError(f"{f}: manifest lacks {key!r}")
+    _check_manifest(m, f)
     return m
+
+
+def _check_manifest(m: dict, f: Path) -> None:
+    """The fields the runtime acts on have their types, and agree (a context past the KV cache's capacity would
+    make the step write past its buffers); the library is one of the checksummed files."""
+    def positive_ints(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+
+    kv, weights, entry = m["kv_cache"], m["weights"], m["entry"]
+    problems = [
+        (isinstance(m["files"], dict), "files"), (isinstance(m["model"], dict), "model"),
+        (isinstance(m["target"], dict), "target"),
+        (isinstance(weights, dict) and isinstance(weights.get("file"), str)
+         and isinstance(weights.get("tensors"), list), "weights"),
+        (isinstance(entry, dict) and isinstance(entry.get("function"), str), "entry"),
+        (isinstance(kv, dict) and positive_ints(kv.get("shape"), 4) and positive_ints([kv.get("count")]), "kv_cache"),
+        (isinstance(m["library"], str) and isinstance(m["files"], dict) and m["library"] in m["files"], "library"),
+    ]
+    for ok, key in problems:
+        if not ok:
+            raise InputError(f"{f}: malformed manifest ({key})")
+    if not positive_ints([m["max_seq_len"]]) or m["max_seq_len"] > kv["shape"][2]:
+        raise InputError(f"{f}: malformed manifest (max_seq_len {m['max_seq_len']!r} against a KV cache of "
+                         f"{kv['shape'][2]} positions)")
 
 
 def is_webgpu_manifest(m) -> bool:

@@ -133,6 +133,22 @@ def test_tampered_or_newer_artifact_is_refused(tmp_path):
         load(art)
 
 
+def test_a_manifest_edited_by_hand_is_refused(tmp_path):
+    """The manifest is not checksummed: fields of the wrong type, a context past the KV cache's capacity (the step
+    wrote past its buffers: a segfault) or a library outside the listed files are one InputError each."""
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    art = compile_model(tmp_path / "hf", "x86_64", quant="q8", max_seq_len=16, out=tmp_path / "art", progress=False)
+    good = json.loads((art / "manifest.json").read_text())
+    edits = [{"max_seq_len": 64}, {"max_seq_len": "x"}, {"weights": {}}, {"kv_cache": {}}, {"entry": {}},
+             {"model": "x"}, {"files": []}, {"library": "../other/model.so"}]
+    for edit in edits:
+        (art / "manifest.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(InputError, match="malformed manifest"):
+            load(art)
+    (art / "manifest.json").write_text(json.dumps(good))
+    assert len(load(art).generate([1, 2, 3], max_new_tokens=3).tokens) == 3
+
+
 def _anon_huge_kib(address: int) -> int:
     """AnonHugePages of the mapping of this process that holds `address` (from /proc/self/smaps)."""
     inside = False
