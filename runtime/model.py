@@ -57,7 +57,7 @@ class Model:
         only there, and transformers' generate stops on them) and the tokenizer's own (a Llama 3 base config lists
         only <|end_of_text|>, but a chat turn ends with <|eot_id|>)."""
         own = set(self.tokenizer.eos_ids) if _has_tokenizer(self) else set()
-        return frozenset(self.config.eos_token_ids) | _generation_eos(self.path) | own
+        return frozenset(self.config.eos_token_ids) | generation_eos(self.path) | own
 
     def session(self):
         return self.backend.session()
@@ -179,7 +179,7 @@ def _truncated(ids: list[int], room: int, max_new_tokens: int, bos: int | None, 
     return head + ids[len(ids) - keep:]
 
 
-def _generation_eos(path: Path) -> set[int]:
+def generation_eos(path: Path) -> set[int]:
     """eos_token_id of the generation_config.json next to the model (an id or a list), if there is one."""
     f = path / "generation_config.json"
     if not f.is_file():

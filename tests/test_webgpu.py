@@ -309,6 +309,19 @@ def test_bundled_model_in_browser(tmp_path):
     assert got["tokens"] == want.tokens and got["text"] == want.text
 
 
+def test_the_page_stops_on_generation_config_eos_ids(exports, tmp_path):
+    """Llama 3 Instruct lists <|eot_id|> only in generation_config.json: the page's end ids include those, as the
+    native runtime's do (they were the config's only)."""
+    from llamac.web.build import compile_webgpu
+
+    src = tmp_path / "export"
+    shutil.copytree(exports["llama2_mha"], src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    compile_webgpu(src, "q4", MAX_SEQ, tmp_path / "art", progress=False)
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert {2, 7} <= set(m["web"]["eos_token_ids"]) and "generation_config.json" in m["files"]
+
+
 def test_bad_quant_is_an_input_error(exports, tmp_path):
     from llamac.errors import InputError
     from llamac.web.build import compile_webgpu

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from llamac.errors import InputError
 from llamac.export.config import ModelConfig
+from llamac.runtime.model import generation_eos
 
 FORMAT_VERSION = 1
 PAGE_DIR = Path(__file__).parent / "page"
@@ -130,7 +131,8 @@ def compile_webgpu(export_dir: Path, quant: str, max_seq_len: int, out: Path, pr
         for f in ("index.html", "app.js", "tokenizer.js"):
             shutil.copy(PAGE_DIR / f, tmp / f)
         # config and tokenizer files as exported, so Python tools (llamac run --browser -p TEXT) can read them too
-        for f in ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        for f in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+                  "tokenizer_config.json"):
             if (export_dir / f).is_file():
                 shutil.copy(export_dir / f, tmp / f)
         timings["package_s"] = time.time() - t
@@ -156,7 +158,8 @@ def compile_webgpu(export_dir: Path, quant: str, max_seq_len: int, out: Path, pr
                 "head_dim": cfg.head_dim,
                 "vocab_size": cfg.vocab_size,
                 "bos_token_id": cfg.bos_token_id,
-                "eos_token_ids": list(cfg.eos_token_ids),
+                # Llama 3 Instruct lists <|eot_id|> only in generation_config.json, as the native runtime reads
+                "eos_token_ids": sorted(set(cfg.eos_token_ids) | generation_eos(export_dir)),
             },
             "build": {k: round(v, 2) for k, v in timings.items()},
         }
