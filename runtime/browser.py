@@ -11,6 +11,7 @@ no shader-f16); the others keep a machine without internet quiet and the profile
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -124,11 +125,37 @@ def _check_artifact(art: Path) -> dict:
     manifest_path = art / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{art} is not an artifact (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("target", {}).get("name") != "webgpu":
-        raise InputError(f"{art} was compiled for {manifest.get('target', {}).get('name')!r}; --browser needs a "
-                         f"webgpu artifact (llamac compile --target webgpu)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{manifest_path}: unreadable manifest ({e})") from None
+    target = manifest.get("target") if isinstance(manifest, dict) else None
+    if not isinstance(target, dict) or target.get("name") != "webgpu":
+        raise InputError(f"{art} was compiled for {target.get('name') if isinstance(target, dict) else None!r}; "
+                         f"--browser needs a webgpu artifact (llamac compile --target webgpu)")
+    verify_web_files(art, manifest)
     return manifest
+
+
+def verify_web_files(art: Path, manifest: dict) -> None:
+    """Every file a WebGPU manifest lists ({path: sha256}) is inside the artifact, present and unchanged (a missing
+    wasm came back as the server's 404 page, a flipped weight byte ran unnoticed)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise InputError(f"{art}/manifest.json: malformed manifest (files)")
+    root = Path(art).resolve()
+    for name, digest in files.items():
+        f = (root / name).resolve()
+        if root not in f.parents:
+            raise InputError(f"{art}: manifest lists a file outside the artifact ({name})")
+        if not f.is_file():
+            raise InputError(f"{art}: {name} is missing")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise InputError(f"{art}: {name} does not match its checksum (corrupt or modified artifact)")
 
 
 def open_page(art: Path, request: dict | None, *, webgpu: bool = True, timeout_s: float = 300.0,
@@ -185,5 +212,7 @@ def run_in_browser(art: Path, ids: list[int], max_new_tokens: int, temperature: 
                          f"({manifest['max_seq_len']})")
     out = open_page(art, request, timeout_s=timeout_s)
     if out.get("error"):
+        if "does not fit" in out["error"] or "the prompt has" in out["error"]:   # the page's own prompt check
+            raise InputError(f"in the browser: {out['error']}")
         raise RuntimeError(f"in the browser: {out['error']}")
     return out["result"]

@@ -322,6 +322,29 @@ def test_the_page_stops_on_generation_config_eos_ids(exports, tmp_path):
     assert {2, 7} <= set(m["web"]["eos_token_ids"]) and "generation_config.json" in m["files"]
 
 
+def test_a_damaged_webgpu_artifact_is_refused_before_the_browser_starts(artifacts, tmp_path):
+    """run --browser and serve check every file against the manifest's sha256, as the native runtime does (a
+    flipped weight byte ran, a missing wasm came back as the server's 404 page)."""
+    from llamac.errors import InputError
+    from llamac.runtime.browser import run_in_browser
+    from llamac.web.serve import serve
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("llama2_mha", "q4"), art)
+    shard = next((art / "params").glob("*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for call in (lambda: run_in_browser(art, [1, 2], 2), lambda: serve(art, port=0)):
+        with pytest.raises(InputError, match="checksum"):
+            call()
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (art / "model.wasm").unlink()
+    with pytest.raises(InputError, match="model.wasm is missing"):
+        run_in_browser(art, [1, 2], 2)
+
+
 def test_bad_quant_is_an_input_error(exports, tmp_path):
     from llamac.errors import InputError
     from llamac.web.build import compile_webgpu

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from llamac.errors import InputError
-from llamac.runtime.browser import ArtifactServer
+from llamac.runtime.browser import ArtifactServer, verify_web_files
 
 
 def serve(art: Path, port: int = 8000, host: str = "127.0.0.1") -> None:
@@ -16,8 +16,13 @@ def serve(art: Path, port: int = 8000, host: str = "127.0.0.1") -> None:
     manifest = art / "manifest.json"
     if not manifest.is_file() or not (art / "index.html").is_file():
         raise InputError(f"{art} is not a WebGPU artifact (needs manifest.json and index.html)")
-    if json.loads(manifest.read_text()).get("target", {}).get("name") != "webgpu":
+    try:
+        m = json.loads(manifest.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{manifest}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("target"), dict) or m["target"].get("name") != "webgpu":
         raise InputError(f"{art} is not a WebGPU artifact (compile with --target webgpu)")
+    verify_web_files(art, m)
     try:
         server = ArtifactServer(art, port=port, host=host)
     except OSError as e:
