@@ -149,7 +149,20 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_ids = [sp.eos_id()] if sp.eos_id() >= 0 else []
         self._pieces: dict[int, bytes] = {}
 
+    def encode_with_library(self, path: Path) -> None:
+        """Encode with the `tokenizers` library from now on (decoding stays byte-level here): for a tokenizer.json
+        whose normalizer or pre-tokenizer steps this class does not run (lowercasing, NFKC, digits, prefix space)."""
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as e:
+            raise InputError(f"{path} needs the 'tokenizers' package (pip install tokenizers)") from e
+        self._library = _HFTokenizer.from_file(str(path))
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        library = getattr(self, "_library", None)
+        if library is not None:
+            library.encode_special_tokens = not allow_special
+            return library.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
         for chunk, special_id in self._split_special(text, allow_special):
             if special_id is not None:
@@ -254,7 +267,20 @@ class ByteBPETokenizer(Tokenizer):
             ranks.setdefault(to_bytes(a) + to_bytes(b), rank)
         return cls(encoder, specials, _split_pattern(spec.get("pre_tokenizer")), ranks)
 
+    def encode_with_library(self, path: Path) -> None:
+        """Encode with the `tokenizers` library from now on (decoding stays byte-level here): for a tokenizer.json
+        whose normalizer or pre-tokenizer steps this class does not run (lowercasing, NFKC, digits, prefix space)."""
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as e:
+            raise InputError(f"{path} needs the 'tokenizers' package (pip install tokenizers)") from e
+        self._library = _HFTokenizer.from_file(str(path))
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        library = getattr(self, "_library", None)
+        if library is not None:
+            library.encode_special_tokens = not allow_special
+            return library.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
         for chunk, special_id in self._split_special(text, allow_special):
             if special_id is not None:
@@ -375,8 +401,27 @@ def _load_json(path: Path) -> Tokenizer:
     model = spec.get("model", {})
     pre = json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") == "BPE" and '"ByteLevel"' in pre:
-        return ByteBPETokenizer.from_tokenizer_json(spec)
+        tok = ByteBPETokenizer.from_tokenizer_json(spec)
+        if not _plain_byte_level(spec):
+            tok.encode_with_library(path)
+        return tok
     return HFTokenizer(path, spec)
+
+
+def _plain_byte_level(spec: dict) -> bool:
+    """A byte-level BPE that ByteBPETokenizer encodes exactly: no normalizer, and a ByteLevel pre-tokenizer without
+    a prefix space, alone (GPT-2's regex) or after one isolating Split regex (Llama 3's)."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if spec.get("normalizer") is not None or kinds not in (["ByteLevel"], ["Split", "ByteLevel"]) \
+            or steps[-1].get("add_prefix_space"):
+        return False
+    if kinds == ["ByteLevel"]:
+        return steps[0].get("use_regex", True)
+    split = steps[0]
+    return not steps[-1].get("use_regex", True) and "Regex" in split.get("pattern", {}) \
+        and split.get("behavior") == "Isolated" and not split.get("invert")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

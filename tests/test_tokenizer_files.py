@@ -49,3 +49,38 @@ def test_llama2c_tokenizer_bin_converts(tmp_path):
     failures = [(text, ids) for text, ids in read_vectors("spm") if tok.encode(text) != ids]
     assert not failures, failures[:3]
     assert tok.decode(tok.encode("In the beginning God")) == "In the beginning God"
+
+
+@pytest.mark.parametrize("variant", ["digits", "lowercase", "nfkc", "prefix space"])
+def test_byte_level_bpe_with_other_steps_encodes_as_the_tokenizers_library(variant, tmp_path):
+    """Llama 3's tokenizer.json with a normalizer or pre-tokenizer step our byte-level BPE does not run: the ids are
+    the `tokenizers` library's (they were silently different), and decoding still gives the text's bytes back."""
+    import copy
+    import json
+
+    from tokenizers import Tokenizer
+    from vocab_cache import llama3_dir
+
+    spec = copy.deepcopy(json.loads((llama3_dir() / "tokenizer.json").read_text()))
+    if variant == "digits":
+        spec["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Digits", "individual_digits": True})
+    elif variant == "lowercase":
+        spec["normalizer"] = {"type": "Lowercase"}
+    elif variant == "nfkc":
+        spec["normalizer"] = {"type": "NFKC"}
+    else:
+        spec["pre_tokenizer"]["pretokenizers"][-1]["add_prefix_space"] = True
+    f = tmp_path / "tokenizer.json"
+    f.write_text(json.dumps(spec))
+    ref, tok = Tokenizer.from_file(str(f)), load_tokenizer(f)
+    for text in ("Year 1234567 ok", "Hello WORLD Ünïcode", "ﬁne café 日本"):
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == ref.decode(ids), text
+
+
+def test_llama3_tokenizer_json_keeps_its_own_encoder(tmp_path):
+    """The plain Llama 3 tokenizer.json (one Split regex, then ByteLevel) stays on the built-in byte-level BPE."""
+    from vocab_cache import llama3_dir
+
+    assert getattr(load_tokenizer(llama3_dir() / "tokenizer.json"), "_library", None) is None
