@@ -64,6 +64,7 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
                 shutil.copyfile(f, tmp / export_name(f))
         if not ckpt.tokenizer_files and hasattr(ckpt, "write_tokenizer"):  # GGUF: vocabulary in the metadata
             ckpt.write_tokenizer(tmp)
+        _check_tokenizer(tmp, src)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -71,3 +72,17 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_tokenizer(out: Path, src: Path) -> None:
+    """The tokenizer the export carries loads and encodes (a broken one failed only when a prompt was run)."""
+    from llamac.runtime.tokenizer import load_tokenizer
+
+    if not any((out / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return
+    try:
+        load_tokenizer(out).encode("Hello, world 123")
+    except InputError as e:
+        raise InputError(f"{Path(src).name}: its tokenizer cannot be used ({str(e).split(': ', 1)[-1]})") from None
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise InputError(f"{Path(src).name}: its tokenizer cannot be used ({type(e).__name__}: {e})") from None

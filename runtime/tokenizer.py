@@ -221,6 +221,9 @@ class ByteBPETokenizer(Tokenizer):
                  ranks: dict[bytes, int] | None = None) -> None:
         import regex  # lazy: \p{L} classes need the third-party regex module
 
+        lacking = [b for b in range(256) if bytes([b]) not in encoder]
+        if lacking:     # any text must split into tokens down to single bytes
+            raise ValueError(f"a byte-level BPE vocabulary without tokens for {len(lacking)} of the 256 bytes")
         self._encoder = encoder
         self._ranks = encoder if ranks is None else ranks  # merge priority; tiktoken uses the token id itself
         self._specials = dict(specials)
@@ -450,7 +453,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return SentencePieceTokenizer(p)
     except InputError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read tokenizer {p}: {type(e).__name__}: {e}") from e
 
 

@@ -179,6 +179,13 @@ def _shard_index(d: Path, text: str) -> None:
     (d / "model.safetensors.index.json").write_text(text)
 
 
+def _broken_tokenizer(d: Path) -> None:
+    """A byte-level BPE tokenizer.json whose vocabulary cannot spell most text (no byte tokens)."""
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                                                  "pre_tokenizer": {"type": "ByteLevel"}}))
+
+
 BAD_INPUTS = {
     "missing config.json": (lambda d: (d / "config.json").unlink(), "no config.json"),
     "missing tensor": (lambda d: _drop_tensor(d, "model.layers.1.mlp.up_proj.weight"),
@@ -192,6 +199,7 @@ BAD_INPUTS = {
         k: ({x: y for x, y in v.items() if x != "data_offsets"} if k != "__metadata__" else v) for k, v in h.items()}),
         "needs dtype, shape and data_offsets"),
     "index not JSON": (lambda d: _shard_index(d, "{weight_map: "), "unreadable index"),
+    "unusable tokenizer": (_broken_tokenizer, "its tokenizer cannot be used"),
     "index without weight_map": (lambda d: _shard_index(d, '{"metadata": {}}'), "no weight_map"),
     "unsupported rope": (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                     "rope_theta": 1e4}), "unsupported rope"),
