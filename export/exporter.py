@@ -39,6 +39,15 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
     try:
+        # the tokenizer first: a broken one is refused before the weights are written
+        for f in ckpt.tokenizer_files:
+            if f.suffix == ".bin":  # llama2.c's own tokenizer format
+                convert_llama2c_tokenizer(f, tmp)
+            else:
+                shutil.copyfile(f, tmp / export_name(f))
+        if not ckpt.tokenizer_files and hasattr(ckpt, "write_tokenizer"):  # GGUF: vocabulary in the metadata
+            ckpt.write_tokenizer(tmp)
+        _check_tokenizer(tmp, src)
         bar = tqdm(total=cfg.num_layers + 2, desc="export", unit="layer", disable=not progress)
 
         def load(name: str) -> np.ndarray:
@@ -57,14 +66,6 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
         bar.update(1)
         bar.close()
         cfg.save(tmp / "config.json")
-        for f in ckpt.tokenizer_files:
-            if f.suffix == ".bin":  # llama2.c's own tokenizer format
-                convert_llama2c_tokenizer(f, tmp)
-            else:
-                shutil.copyfile(f, tmp / export_name(f))
-        if not ckpt.tokenizer_files and hasattr(ckpt, "write_tokenizer"):  # GGUF: vocabulary in the metadata
-            ckpt.write_tokenizer(tmp)
-        _check_tokenizer(tmp, src)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
