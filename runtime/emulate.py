@@ -166,6 +166,9 @@ def check_artifact_arch(art: Path) -> None:
     An artifact whose manifest does not say is let through (the guest runtime checks it again)."""
     if not Path(art).exists():
         raise InputError(f"{art}: no such artifact")
+    if not (Path(art) / "manifest.json").is_file():
+        raise InputError(f"{art} is not a compiled artifact: --emulate runs compiled aarch64 (arm64) artifacts "
+                         f"(llamac compile --target arm64)")
     arch = artifact_arch(art)
     if arch is not None and arch != "aarch64":
         raise InputError(f"{art}: artifact is built for {arch}, --emulate runs aarch64 (arm64) artifacts; "

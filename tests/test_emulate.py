@@ -121,6 +121,12 @@ def test_emulating_an_x86_artifact_is_a_clear_input_error(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_emulating_an_export_directory_is_a_clear_input_error(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")     # an export dir: no manifest.json
+    with pytest.raises(InputError, match="not a compiled artifact"):
+        emulate.run_emulated(tmp_path, ["--ids", "1"])
+
+
 def test_emulating_an_android_artifact_is_a_clear_input_error(tmp_path):
     # Android builds link against bionic, which the glibc guest cannot load.
     (tmp_path / "manifest.json").write_text(json.dumps(
