@@ -161,3 +161,18 @@ def test_ids_past_the_tokenizer_are_never_sampled(bundled_export):
     g = m.generate("And God said", max_new_tokens=16)
     assert g.tokens and max(g.tokens) < m.tokenizer.vocab_size
     assert g.tokens[:free.tokens.index(max(free.tokens))] == free.tokens[:free.tokens.index(max(free.tokens))]
+
+
+def test_a_damaged_cached_bundled_artifact_is_compiled_again(tmp_path, monkeypatch):
+    """`llamac run` without ART uses the bundled model's cached artifact; a damaged copy is compiled again instead of
+    being refused on every run."""
+    from llamac.runtime import load
+
+    monkeypatch.setenv("LLAMAC_CACHE", str(tmp_path))
+    art = bundled.artifact()
+    weights = art / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert bundled.artifact() == art
+    assert len(load(art).generate("And God said", max_new_tokens=4).tokens) == 4

@@ -31,10 +31,22 @@ def artifact(quant: str = "q8") -> Path:
 
     target = host_target()
     out = cache_dir() / f"bundled-{__version__}-{target}-{quant}"
-    if not (out / "manifest.json").is_file():  # the runtime verifies checksums when it loads it
+    if not _intact(out):
         from llamac.compiler import compile_model
 
-        print(f"compiling the bundled model for {target} ({quant}) once; cached in {out}", file=sys.stderr,
+        again = "again (the cached copy was damaged)" if out.exists() else "once"
+        print(f"compiling the bundled model for {target} ({quant}) {again}; cached in {out}", file=sys.stderr,
               flush=True)
         compile_model(checkpoint(), target, quant=quant, out=out, force=True)
     return out
+
+
+def _intact(art: Path) -> bool:
+    """The cached artifact is whole (a damaged cache is compiled again rather than refused on every run)."""
+    from llamac.runtime.tvm_backend import read_manifest, verify_files
+
+    try:
+        verify_files(art, read_manifest(art))
+    except InputError:
+        return False
+    return True
