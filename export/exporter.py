@@ -38,6 +38,7 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
+    bar = None
     try:
         # the tokenizer first: a broken one is refused before the weights are written
         for f in ckpt.tokenizer_files:
@@ -70,6 +71,8 @@ def export(src: Path, out: Path, dtype: str = "f32", tokenizer: Path | None = No
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
+        if bar is not None:
+            bar.close()         # ends the bar's line, so that the error is a line of its own
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
