@@ -149,20 +149,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_ids = [sp.eos_id()] if sp.eos_id() >= 0 else []
         self._pieces: dict[int, bytes] = {}
 
-    def encode_with_library(self, path: Path) -> None:
-        """Encode with the `tokenizers` library from now on (decoding stays byte-level here): for a tokenizer.json
-        whose normalizer or pre-tokenizer steps this class does not run (lowercasing, NFKC, digits, prefix space)."""
-        try:
-            from tokenizers import Tokenizer as _HFTokenizer
-        except ImportError as e:
-            raise InputError(f"{path} needs the 'tokenizers' package (pip install tokenizers)") from e
-        self._library = _HFTokenizer.from_file(str(path))
-
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        library = getattr(self, "_library", None)
-        if library is not None:
-            library.encode_special_tokens = not allow_special
-            return library.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
         for chunk, special_id in self._split_special(text, allow_special):
             if special_id is not None:
@@ -273,11 +260,7 @@ class ByteBPETokenizer(Tokenizer):
     def encode_with_library(self, path: Path) -> None:
         """Encode with the `tokenizers` library from now on (decoding stays byte-level here): for a tokenizer.json
         whose normalizer or pre-tokenizer steps this class does not run (lowercasing, NFKC, digits, prefix space)."""
-        try:
-            from tokenizers import Tokenizer as _HFTokenizer
-        except ImportError as e:
-            raise InputError(f"{path} needs the 'tokenizers' package (pip install tokenizers)") from e
-        self._library = _HFTokenizer.from_file(str(path))
+        self._library = _library_tokenizer(path)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         library = getattr(self, "_library", None)
@@ -347,11 +330,7 @@ class HFTokenizer(Tokenizer):
     """Any other tokenizer.json (e.g. Llama 2's sentencepiece-style BPE), run by the `tokenizers` library."""
 
     def __init__(self, path: Path, spec: dict) -> None:
-        try:
-            from tokenizers import Tokenizer as _HFTokenizer  # lazy: only these files need it
-        except ImportError as e:
-            raise InputError(f"{path} needs the 'tokenizers' package (pip install tokenizers)") from e
-        self._tok = _HFTokenizer.from_file(str(path))
+        self._tok = _library_tokenizer(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
         # <unk> is text in sentencepiece's eyes (it decodes to " ⁇ "), not a control token.
@@ -389,6 +368,15 @@ class HFTokenizer(Tokenizer):
         if first and self.adds_dummy_prefix and piece.startswith("\u2581"):
             piece = piece[1:]
         return piece.replace("\u2581", " ").encode()
+
+
+def _library_tokenizer(path: Path):
+    """tokenizer.json loaded by the `tokenizers` library (imported lazily: only such files need it)."""
+    try:
+        from tokenizers import Tokenizer as _HFTokenizer
+    except ImportError as e:
+        raise InputError(f"{path} needs the 'tokenizers' package (pip install tokenizers)") from e
+    return _HFTokenizer.from_file(str(path))
 
 
 def _is_tiktoken(path: Path) -> bool:
