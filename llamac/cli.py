@@ -28,7 +28,7 @@ def cli() -> None:
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="Tokenizer to bundle instead of the checkpoint's: a sentencepiece .model, a tokenizer .json or a "
                    "llama2.c .bin.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a previous export or artifact (or an empty directory).")
 def export(src: Path, out: Path, dtype: str, tokenizer: Path | None, force: bool) -> None:
     """Export a checkpoint (HF dir, .gguf, llama2.c .bin) to an ONNX directory."""
     from llamac.export.exporter import export as run_export
@@ -67,7 +67,7 @@ def inspect(path: Path, dequantize: Path | None) -> None:
 @click.option("--group-size", type=click.IntRange(min=1), default=None, help="q4/q8: inputs per scale, a multiple of 8 (default: q4 32, q8 one scale per output channel).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache capacity (default: the model's context, at most 4096).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a previous export or artifact (or an empty directory).")
 def compile_cmd(src: Path | None, target: str | None, quant: str, group_size: int | None, max_seq_len: int | None,
                 out: Path, force: bool) -> None:
     """Compile a checkpoint or export directory (default: the bundled model) into an artifact."""
