@@ -11,7 +11,6 @@ no shader-f16); the others keep a machine without internet quiet and the profile
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import json
 import os
@@ -23,6 +22,8 @@ import threading
 from pathlib import Path
 
 from llamac.errors import InputError
+
+from .tvm_backend import sha256_file
 
 CHROMIUM = "/usr/bin/chromium"
 PLAYWRIGHT_CORE = "1.65.1"
@@ -150,11 +151,7 @@ def verify_web_files(art: Path, manifest: dict) -> None:
             raise InputError(f"{art}: manifest lists a file outside the artifact ({name})")
         if not f.is_file():
             raise InputError(f"{art}: {name} is missing")
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != digest:
+        if sha256_file(f) != digest:
             raise InputError(f"{art}: {name} does not match its checksum (corrupt or modified artifact)")
 
 

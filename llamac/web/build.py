@@ -15,7 +15,6 @@ Artifact layout:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from llamac.errors import InputError
 from llamac.export.config import ModelConfig
 from llamac.runtime.model import generation_eos
+from llamac.runtime.tvm_backend import sha256_file
 
 FORMAT_VERSION = 1
 PAGE_DIR = Path(__file__).parent / "page"
@@ -43,13 +43,6 @@ def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"[llamac webgpu] {msg}", flush=True)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -164,7 +157,7 @@ def compile_webgpu(export_dir: Path, quant: str, max_seq_len: int, out: Path, pr
             "build": {k: round(v, 2) for k, v in timings.items()},
         }
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.chmod(tmp, 0o755)
         if out.exists():
