@@ -92,7 +92,25 @@ class Target:
         if self.status != "ready" or self.kind not in ("llvm", "webgpu"):
             raise InputError(f"target {self.name} is not built yet ({self.summary}); "
                              f"choose another from `llamac targets`")
+        if self.kind == "llvm":
+            self.check_llvm_names()
         return self.find_cc()
+
+    def check_llvm_names(self) -> None:
+        """Raise InputError for an llvm.mcpu or llvm.mattr entry that LLVM does not know for the triple: LLVM itself
+        only warns, and builds for a generic CPU or without the feature (a typo would cost speed silently)."""
+        import tvm
+        from tvm.target import codegen
+
+        where = self.source or f"target {self.name}"
+        if self.mcpu and not codegen.llvm_is_valid_cpu(self.mcpu, self.mtriple):
+            raise InputError(f"{where}: LLVM does not know the CPU {self.mcpu!r} (llvm.mcpu) for {self.mtriple}")
+        with _quiet_stderr():     # LLVM prints its own warning for each unknown feature
+            enabled = set(codegen.llvm_get_cpu_features(tvm.target.Target(self.tvm_target())))
+        unknown = [a for a in self.mattr if a.startswith("+") and a[1:] not in enabled]
+        if unknown:
+            raise InputError(f"{where}: LLVM does not know the feature(s) {', '.join(unknown)} (llvm.mattr) "
+                             f"for {self.mtriple}")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -101,6 +119,20 @@ class Target:
         d["cc_search"] = list(self.cc_search)
         d["llvm"] = self.tvm_target()
         return d
+
+
+class _quiet_stderr:
+    """Send file descriptor 2 to /dev/null for a block (messages that C++ libraries print themselves)."""
+
+    def __enter__(self):
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
 
 
 def _arch(name):
@@ -131,8 +163,8 @@ def _parse(path: Path) -> Target:
     mattr = llvm.get("mattr", [])
     cc_search = build.get("cc_search", [])
     lanes = build.get("lanes", 8)
-    if not (isinstance(mattr, list) and all(isinstance(a, str) for a in mattr)):
-        raise InputError(f"{path}: llvm.mattr must be a list of strings like \"+neon\"")
+    if not (isinstance(mattr, list) and all(isinstance(a, str) and a[:1] in "+-" and a[1:] for a in mattr)):
+        raise InputError(f"{path}: llvm.mattr must be a list of strings like \"+neon\" or \"-sve\"")
     if not (isinstance(cc_search, list) and all(isinstance(a, str) for a in cc_search)):
         raise InputError(f"{path}: build.cc_search must be a list of directories")
     if not isinstance(lanes, int) or lanes < 1 or lanes & (lanes - 1) or lanes > 64:

@@ -49,6 +49,7 @@ def test_user_target_file(tmp_path):
     ('name = "x"\n[llvm]\nmtriple = "riscv64-linux-gnu"\n', "arch"),
     ('name = "x"\narch = "x86_64"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n', "contradicts"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = "+neon"\n', "mattr"),
+    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["neon"]\n', "mattr"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\nlanes = 3\n', "lanes"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ndot = "vnni"\n', "build.dot must be one of"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["+neon"]\n[build]\ndot = "sdot"\n', "dotprod"),
@@ -58,6 +59,21 @@ def test_malformed_target_files(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(InputError, match=match):
         load_target(f)
+
+
+@pytest.mark.parametrize("llvm,match", [
+    ('mcpu = "cortex-a67"\nmattr = ["+neon"]', "does not know the CPU 'cortex-a67'"),
+    ('mcpu = "cortex-a76"\nmattr = ["+neon", "+dotprd"]', r"does not know the feature\(s\) \+dotprd"),
+])
+def test_names_llvm_does_not_know_are_refused(tmp_path, llvm, match):
+    # LLVM only warns about these and builds for a generic CPU: a typo would cost speed without a word
+    f = tmp_path / "t.toml"
+    f.write_text(f'name = "t"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n{llvm}\n[build]\ncc = "g++"\n')
+    with pytest.raises(InputError, match=match):
+        load_target(f).check_buildable()
+    for t in list_targets():        # every built-in name is one LLVM knows
+        if t.kind == "llvm":
+            t.check_llvm_names()
 
 
 def test_unknown_and_missing():
