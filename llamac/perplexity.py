@@ -27,7 +27,9 @@ def perplexity(art: Path, text_file: Path, window: int | None = None, max_tokens
     ids = model.tokenizer.encode(text)
     if max_tokens:
         ids = ids[:max_tokens]
-    window = min(window or model.max_seq_len, model.max_seq_len)
+    if window and window > model.max_seq_len:
+        raise InputError(f"--window {window} exceeds the artifact's context of {model.max_seq_len}")
+    window = window or model.max_seq_len
     bos = model.config.bos_token_id
     sess = model.session()
     nll, count = 0.0, 0

@@ -61,12 +61,15 @@ def test_chat_refuses_a_template_the_tokenizer_lacks_before_the_first_message(ex
     ["run", "{art}", "-p", "hi", "-n", "-3"], ["compile", "{art}"], ["perplexity", "{art}", "--text", "{latin1}"],
     ["compile", "{array_config}", "-o", "{tmp}/out"], ["no-such-command"],
     ["run", "{art}", "--ids", "1,99999999999999999999"], ["serve", "{art}", "--port", "99999"],
+    ["perplexity", "{art}", "--text", "{utf8}", "--window", "99999999"],
 ])
 def test_bad_usage_is_one_line_and_exit_2(args, export_dir, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "utf8.txt").write_text("And God said\n")
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text("[1, 2]")
-    paths = {"art": export_dir, "latin1": tmp_path / "latin1.txt", "array_config": tmp_path / "cfg", "tmp": tmp_path}
+    paths = {"art": export_dir, "latin1": tmp_path / "latin1.txt", "utf8": tmp_path / "utf8.txt",
+             "array_config": tmp_path / "cfg", "tmp": tmp_path}
     r = cli(*[a.format(**paths) for a in args])
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
