@@ -236,7 +236,8 @@ def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, 
 @cli.command()
 @click.argument("art", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
-@click.option("--window", type=click.IntRange(min=2), default=None, help="Context window in tokens (default and most: the artifact's context).")
+@click.option("--window", type=click.IntRange(min=2), default=None,
+              help="Context window in tokens (default and most: the artifact's context).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
 @click.option("--json", "as_json", is_flag=True)
 def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int | None, as_json: bool) -> None:
