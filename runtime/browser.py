@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -91,8 +92,12 @@ class ArtifactServer:
 
     def __init__(self, root: Path, port: int = 0, host: str = "127.0.0.1") -> None:
         handler = functools.partial(_QuietHandler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
+        # the address family of the host (an IPv6 address like ::1 needs AF_INET6; the server class assumes IPv4)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+        self.httpd = server((host, port), handler)
+        name = f"[{host}]" if ":" in host else host
+        self.url = f"http://{name}:{self.httpd.server_address[1]}/"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> str:

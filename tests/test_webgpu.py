@@ -370,3 +370,22 @@ def test_cli_describes_a_webgpu_artifact_and_sends_run_to_the_browser(artifacts)
         r = cli(*args)
         assert r.returncode == 2 and "is a WebGPU artifact: run it with `llamac run --browser`" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_the_page_server_listens_on_ipv4_and_ipv6_hosts(tmp_path, host):
+    """`llamac serve --host ::1` failed: the standard library's server is IPv4 unless told the address family."""
+    import socket
+    import urllib.request
+
+    from llamac.runtime.browser import ArtifactServer
+
+    if ":" in host:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind((host, 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+    (tmp_path / "index.html").write_text("<p>hi</p>")
+    with ArtifactServer(tmp_path, host=host) as url:
+        assert urllib.request.urlopen(url + "index.html", timeout=10).read() == b"<p>hi</p>"
