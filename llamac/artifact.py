@@ -208,6 +208,12 @@ def dequantize(path: Path, out_dir: Path) -> Path:
     from safetensors.numpy import save_file
 
     path = Path(path)
+    try:
+        raw = json.loads((path / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = None          # read_manifest says what is wrong with it
+    if is_webgpu_manifest(raw):
+        raise InputError(f"{path} is a WebGPU artifact: --dequantize reads CPU artifacts only")
     m = read_manifest(path)
     verify_files(path, m)
     arrays = read_weights(path, m)

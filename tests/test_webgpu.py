@@ -389,3 +389,12 @@ def test_the_page_server_listens_on_ipv4_and_ipv6_hosts(tmp_path, host):
     (tmp_path / "index.html").write_text("<p>hi</p>")
     with ArtifactServer(tmp_path, host=host) as url:
         assert urllib.request.urlopen(url + "index.html", timeout=10).read() == b"<p>hi</p>"
+
+
+def test_dequantize_says_it_reads_cpu_artifacts_only(artifacts, tmp_path):
+    from llamac.artifact import dequantize
+    from llamac.errors import InputError
+
+    with pytest.raises(InputError, match="WebGPU artifact: --dequantize reads CPU artifacts only"):
+        dequantize(artifacts("llama2_mha", "q4"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
