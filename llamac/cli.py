@@ -170,6 +170,7 @@ def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, 
         return
     from llamac.runtime import load
 
+    _warn_if_oversubscribed(threads)
     model = load(art, threads=threads)
     it = model.generate(prompt if ids is None else _parse_ids(ids), max_new_tokens=max_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -182,6 +183,16 @@ def run(art: Path | None, prompt: str | None, ids: str | None, max_tokens: int, 
     g = it.result
     _print_result(g.prompt_tokens, g.tokens, g.text, g.stop_reason, g.prefill_tok_s, g.decode_tok_s, as_json,
                   streamed=True)
+
+
+def _warn_if_oversubscribed(threads: int | None) -> None:
+    """Allowed, as in llama-bench, but threads that share a core wait for each other at every parallel loop."""
+    from llamac.runtime.tvm_backend import usable_cores
+
+    cores = usable_cores()
+    if threads and threads > cores:
+        click.echo(f"warning: --threads {threads} is more than the {cores} cores this process may use; threads that "
+                   f"share a core slow every step down", err=True)
 
 
 def _print_result(prompt_tokens: list[int], tokens: list[int], text: str, stop_reason: str, prefill_tok_s: float,
@@ -224,6 +235,7 @@ def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, 
 
     from llamac.bench import bench
 
+    _warn_if_oversubscribed(threads)
     r = bench(art, prompt_tokens, gen_tokens, repetitions, threads)
     if as_json:
         click.echo(json.dumps(r))

@@ -37,6 +37,16 @@ def test_bench_json(export_dir):
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["repetitions"] == 2
 
 
+def test_more_threads_than_cores_runs_with_a_warning(export_dir):
+    from llamac.runtime.tvm_backend import usable_cores
+
+    r = cli("bench", export_dir, "-p", 4, "-n", 2, "-r", 1, "--threads", usable_cores() + 1, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["decode_tok_s"] > 0, r.stderr
+    assert f"warning: --threads {usable_cores() + 1} is more than the {usable_cores()} cores" in r.stderr
+    r = cli("bench", export_dir, "-p", 4, "-n", 2, "-r", 1, "--threads", 1, "--json")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
 def test_perplexity_json(export_dir):
     r = cli("perplexity", export_dir, "--text", bundled.checkpoint() / "held_out.txt", "--max-tokens", 200, "--json")
     assert r.returncode == 0, r.stderr
