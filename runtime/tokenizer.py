@@ -34,6 +34,7 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 _BOS_NAMES = ("<|begin_of_text|>", "<s>")
 _EOS_NAMES = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "</s>")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -47,6 +48,15 @@ class Tokenizer:
     _special_re: re.Pattern[str] | None = None  # built on first use by _split_special
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text` (no BOS). With allow_special, special-token text like "<|eot_id|>" becomes that token;
+        otherwise it is plain text."""
+        bad = _SURROGATE.search(text)
+        if bad:     # what Python makes of bytes that were not UTF-8 (e.g. in a command-line argument)
+            raise InputError(f"the text is not valid UTF-8: character {bad.start()} is a lone surrogate "
+                             f"{ascii(bad.group())}")
+        return self._encode(text, allow_special)
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> int | None:
@@ -149,7 +159,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_ids = [sp.eos_id()] if sp.eos_id() >= 0 else []
         self._pieces: dict[int, bytes] = {}
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
         ids: list[int] = []
         for chunk, special_id in self._split_special(text, allow_special):
             if special_id is not None:
@@ -262,7 +272,7 @@ class ByteBPETokenizer(Tokenizer):
         whose normalizer or pre-tokenizer steps this class does not run (lowercasing, NFKC, digits, prefix space)."""
         self._library = _library_tokenizer(path)
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
         library = getattr(self, "_library", None)
         if library is not None:
             library.encode_special_tokens = not allow_special
@@ -341,7 +351,7 @@ class HFTokenizer(Tokenizer):
         self.adds_dummy_prefix = '"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text)
         self._find_bos_eos()
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
         self._tok.encode_special_tokens = not allow_special
         return self._tok.encode(text, add_special_tokens=False).ids
 

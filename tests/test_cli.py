@@ -37,6 +37,15 @@ def test_bench_json(export_dir):
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["repetitions"] == 2
 
 
+def test_a_prompt_that_is_not_utf8_is_one_line_and_exit_2(export_dir):
+    # the shell hands Python the raw bytes; Python keeps the invalid one as a lone surrogate
+    r = subprocess.run([sys.executable.encode(), b"-m", b"llamac", b"run", str(export_dir).encode(), b"-p", b"abc\xff",
+                        b"-n", b"2"], capture_output=True, timeout=600)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "not valid UTF-8" in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+
+
 def test_more_threads_than_cores_runs_with_a_warning(export_dir):
     from llamac.runtime.tvm_backend import usable_cores
 
