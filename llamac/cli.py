@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 failure while running, 2 bad usage or bad input (llamac
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -100,10 +101,10 @@ def _bundled_checkpoint() -> Path:
 
 
 def _parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InputError(f"--ids expects comma-separated integers, got {text!r}") from None
+    parts = re.split(r"\s*,\s*|\s+", text.strip())     # "1,2", "1, 2" and "1 2" alike
+    if not all(re.fullmatch(r"[0-9]+", p, re.ASCII) for p in parts):
+        raise InputError(f"--ids expects integers separated by commas or spaces, got {text!r}")
+    ids = [int(p) for p in parts]
     for i in ids:
         if not 0 <= i < 2 ** 31:
             raise InputError(f"--ids: token id {i} is outside any vocabulary")
@@ -129,7 +130,7 @@ def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
 @cli.command()
 @click.argument("art", type=click.Path(path_type=Path), required=False)
 @click.option("-p", "--prompt", help="Prompt text.")
-@click.option("--ids", help="Prompt as comma-separated token ids (no BOS added).")
+@click.option("--ids", help="Prompt as token ids, separated by commas or spaces (no BOS added).")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")

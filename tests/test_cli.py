@@ -46,6 +46,17 @@ def test_a_prompt_that_is_not_utf8_is_one_line_and_exit_2(export_dir):
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
 
 
+def test_ids_are_separated_by_commas_or_spaces():
+    from llamac.cli import _parse_ids
+    from llamac.errors import InputError
+
+    for text in ("1,2,30", "1, 2, 30", "1 2 30", " 1  2,30 "):
+        assert _parse_ids(text) == [1, 2, 30], text
+    for text in ("1,,2", "", "1,x", "-1", "1.5", "\uff11", "1,"):     # "1 2" once became 12
+        with pytest.raises(InputError, match="--ids"):
+            _parse_ids(text)
+
+
 def test_more_threads_than_cores_runs_with_a_warning(export_dir):
     from llamac.runtime.tvm_backend import usable_cores
 
