@@ -59,12 +59,19 @@ class GGUFCheckpoint:
         if arch != "llama":
             raise InputError(f"{self.src.name}: unsupported architecture {arch!r}: llamac exports llama models")
         self._tensors = {}
+        unused = []
         for t in self._reader.tensors:
             name = _hf_name(t.name)
-            if name is not None:
+            if name is not None and name.endswith(".weight"):
                 self._tensors[name] = t
             elif t.name == "rope_freqs.weight":
                 self._rope_freqs = np.asarray(t.data, dtype=np.float64)
+            elif not t.name.endswith(".attn_rot_embd"):  # a rotary table some converters add: RoPE comes from config
+                unused.append(t.name)
+        if unused:     # biases (llama.cpp's llama loads optional ones) or experts: the graph has no place for them
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            raise InputError(f"{self.src.name}: holds tensors a llama model without biases or experts does not have "
+                             f"({', '.join(unused[:3])}{more}); llamac would drop them")
         self.config = self._read_config()
         self.tokenizer_files: list[Path] = []
 
@@ -99,15 +106,23 @@ class GGUFCheckpoint:
                 eos_token_ids=eos,
                 max_position_embeddings=int(self._field(a + "context_length", 2048)),
             )
-        except (TypeError, KeyError) as e:
-            raise InputError(f"{self.src.name}: GGUF metadata lacks a llama hyperparameter ({e})") from None
+        except (TypeError, KeyError, ValueError) as e:
+            raise InputError(f"{self.src.name}: GGUF metadata lacks a llama hyperparameter or holds one that is not "
+                             f"a number ({e})") from None
         kind = self._field(a + "rope.scaling.type")
         if kind == "linear":
-            cfg.rope_scaling = {"rope_type": "linear", "factor": float(self._field(a + "rope.scaling.factor"))}
+            factor = self._field(a + "rope.scaling.factor")
+            if not isinstance(factor, (int, float)) or not factor > 0:
+                raise InputError(f"{self.src.name}: linear rope scaling needs a positive {a}rope.scaling.factor, "
+                                 f"got {factor!r}")
+            cfg.rope_scaling = {"rope_type": "linear", "factor": float(factor)}
         elif kind not in (None, "none"):
             raise InputError(f"{self.src.name}: unsupported rope scaling type {kind!r} (supported: linear, llama3)")
         if hasattr(self, "_rope_freqs"):
             factors = self._rope_freqs
+            if factors.shape != (cfg.head_dim // 2,):
+                raise InputError(f"{self.src.name}: rope_freqs.weight holds {factors.size} factors; a head of "
+                                 f"{cfg.head_dim} needs {cfg.head_dim // 2}")
             cfg.rope_scaling = (llama3_scaling_from_factors(factors, cfg.rope_inv_freq())
                                 or {"rope_type": "freq_factors", "factors": [float(f) for f in factors]})
         return cfg

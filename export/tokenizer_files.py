@@ -15,6 +15,9 @@ from llamac.errors import InputError
 # Llama 3's pre-tokenizer split (the regex its tokenizer.json and tiktoken file use).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre values llama.cpp reads as Llama 3's split; None: a file written before the key existed, which for
+# a llama model with a byte-level BPE vocabulary means Llama 3 ("default" is GPT-2's split, which llamac does not write)
+LLAMA3_PRE = (None, "llama-bpe", "llama3", "llama-v3")
 _CONTROL, _BYTE = 3, 6
 
 
@@ -28,6 +31,8 @@ def write_tokenizer(reader, out_dir: Path) -> Path | None:
     if kind is None:
         return None
     tokens = field("tokenizer.ggml.tokens")
+    if not tokens:
+        raise InputError(f"the GGUF tokenizer ({kind!r}) has no tokenizer.ggml.tokens")
     types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
     if kind == "llama":
         return _write_sentencepiece(out_dir / "tokenizer.model", tokens, field("tokenizer.ggml.scores"), types,
@@ -35,6 +40,9 @@ def write_tokenizer(reader, out_dir: Path) -> Path | None:
                                     field("tokenizer.ggml.eos_token_id", 2), field("tokenizer.ggml.add_space_prefix",
                                                                                    True))
     if kind == "gpt2":
+        pre = field("tokenizer.ggml.pre")
+        if pre not in LLAMA3_PRE:     # another model's split regex: encoding with Llama 3's would be wrong
+            raise InputError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: Llama 3's, {LLAMA3_PRE[1]!r})")
         return _write_bpe_json(out_dir / "tokenizer.json", tokens, types, field("tokenizer.ggml.merges") or [])
     raise InputError(f"unsupported GGUF tokenizer model {kind!r} (supported: llama, gpt2)")
 

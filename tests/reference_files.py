@@ -43,8 +43,9 @@ _GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
                "mlp.down_proj": "ffn_down"}
 
 
-def write_gguf(model, path: Path, qtype: str = "F32") -> None:
-    """llama.cpp layout: blk.N.* names, permuted q/k, metadata keys of the llama architecture."""
+def write_gguf(model, path: Path, qtype: str = "F32", extra=None) -> None:
+    """llama.cpp layout: blk.N.* names, permuted q/k, metadata keys of the llama architecture. `extra(writer)` adds
+    keys or tensors after the standard ones."""
     import gguf
 
     cfg, sd = model.config, state_dict(model)
@@ -65,6 +66,8 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> None:
     w.add_eos_token_id(cfg.eos_token_id)
     if cfg.rope_parameters.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+    if extra is not None:
+        extra(w)
     q = getattr(gguf.GGMLQuantizationType, qtype)
     for name, t in sd.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -119,6 +119,39 @@ def test_gguf_quantized_tensors(qtype, tmp_path):
     check_against_hf(model, export(tmp_path / "m.gguf", tmp_path / "onnx", progress=False))
 
 
+def _gpt2_vocab(w, pre):
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) if i < 32 else chr(i) for i in range(320)])
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (lambda w: w.add_tensor("blk.0.attn_q.bias", np.ones(64, np.float32)), r"blk\.0\.attn_q\.bias.*would drop"),
+    (lambda w: w.add_tensor("blk.1.ffn_gate_exps.weight", np.ones((2, 8, 8), np.float32)), "ffn_gate_exps"),
+    (lambda w: w.add_tensor("rope_freqs.weight", np.ones(5, np.float32)), "holds 5 factors.*needs 8"),
+    (lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR), "rope.scaling.factor"),
+    (lambda w: w.add_tokenizer_model("gpt2"), "no tokenizer.ggml.tokens"),
+    (lambda w: _gpt2_vocab(w, "deepseek-llm"), "pre-tokenizer 'deepseek-llm'"),
+])
+def test_gguf_with_what_llamac_would_misread_is_refused(extra, match, tmp_path):
+    """Tensors the graph has no place for (llama.cpp's llama loads optional biases), malformed rope metadata and
+    vocabularies split by another model's regex: one clear error, not wrong numbers or a bare Python exception."""
+    model = make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    write_gguf(model, tmp_path / "m.gguf", extra=extra)
+    with pytest.raises(InputError, match=match):
+        export(tmp_path / "m.gguf", tmp_path / "onnx", progress=False)
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("pre", [None, "llama-bpe"])
+def test_gguf_byte_level_vocab_with_llama3_split_is_kept(pre, tmp_path):
+    model = make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    write_gguf(model, tmp_path / "m.gguf", extra=lambda w: _gpt2_vocab(w, pre))
+    out = export(tmp_path / "m.gguf", tmp_path / "onnx", progress=False)
+    assert (out / "tokenizer.json").is_file()
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama2c_same_logits_as_hf(tied, tmp_path):
     model = make_hf_checkpoint(tmp_path / "hf", **dict(CONFIGS["llama2_mha"], rms_norm_eps=1e-5, num_key_value_heads=2,
