@@ -79,6 +79,13 @@ def test_decode_checks_its_token_and_the_context_like_a_prompt(tmp_path):
         with pytest.raises(InputError, match="outside the vocabulary"):
             fast.decode(bad)
     assert fast.n_past == 3
+    for bad in (1.5, np.float32(2), "3"):
+        with pytest.raises(InputError, match="token ids must be integers"):
+            fast.decode(bad)
+    with pytest.raises(InputError, match="token ids must be integers"):
+        model.session().prefill([1, 2.5])
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        model.session().prefill([1, 2 ** 70])
     for token in (np.int32(5), 7, True):
         assert np.array_equal(fast.decode(token), plain.prefill([int(token)]))
     assert fast.n_past == plain.n_past == 6
