@@ -17,6 +17,21 @@ from llamac.errors import InputError
 ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
+_REQUIRED = object()
+
+
+def _int(d: dict[str, Any], key: str, default: Any = _REQUIRED, null_is_default: bool = False) -> int:
+    """An integer field of config.json: true, 2.5 or "4" would otherwise become 1, 2 or 4 without a word."""
+    v = d.get(key, default)
+    if v is None and null_is_default:
+        v = default
+    if v is _REQUIRED:
+        raise InputError(f"config.json lacks {key!r}")
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise InputError(f"config.json: {key} must be an integer, got {v!r}")
+    return int(v)
+
+
 @dataclasses.dataclass
 class ModelConfig:
     vocab_size: int
@@ -93,24 +108,24 @@ class ModelConfig:
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise InputError("unsupported: attention or MLP bias (Llama models have none)")
         try:
-            hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+            hidden, heads = _int(d, "hidden_size"), _int(d, "num_attention_heads")
             rope_theta, scaling = _read_rope(d)
             eos = d.get("eos_token_id", 2)
             return cls(
-                vocab_size=int(d["vocab_size"]),
+                vocab_size=_int(d, "vocab_size"),
                 hidden_size=hidden,
-                num_layers=int(d["num_hidden_layers"]),
+                num_layers=_int(d, "num_hidden_layers"),
                 num_heads=heads,
-                num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or (hidden // heads if heads > 0 else 0)),
-                intermediate_size=int(d["intermediate_size"]),
+                num_kv_heads=_int(d, "num_key_value_heads", heads, null_is_default=True),
+                head_dim=_int(d, "head_dim", hidden // heads if heads > 0 else 0, null_is_default=True),
+                intermediate_size=_int(d, "intermediate_size"),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=[int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                max_position_embeddings=_int(d, "max_position_embeddings", 2048),
             )
         except KeyError as e:
             raise InputError(f"config.json lacks {e.args[0]!r}") from None

@@ -286,6 +286,11 @@ def test_force_replaces_only_what_llamac_wrote(tmp_path):
     (dict(max_position_embeddings=0), "context"), (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
     (dict(rms_norm_eps=float("nan")), "rms_norm_eps"), (dict(rope_theta=0.0), "rope_theta"),
     (dict(num_attention_heads=0), "num_heads"), (dict(num_attention_heads=0, head_dim=None), "num_heads"),
+    # sizes that int() would have bent into another model (2.5 -> 2, true -> 1) or refused without naming the key
+    (dict(num_hidden_layers=2.5), "num_hidden_layers must be an integer, got 2.5"),
+    (dict(hidden_size=True), "hidden_size must be an integer, got True"),
+    (dict(intermediate_size="160"), "intermediate_size must be an integer"),
+    (dict(max_position_embeddings=None), "max_position_embeddings must be an integer, got None"),
 ])
 def test_config_values_a_model_cannot_run_with_are_refused(change, message):
     """Whatever the source format (HF, GGUF, llama2.c all build a ModelConfig): a context of 0 made every prompt too
