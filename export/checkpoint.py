@@ -125,3 +125,9 @@ def _validate(ckpt: Checkpoint, src: Path) -> None:
             raise InputError(f"{src.name}: missing tensor {name}")
         if tuple(got) != shape:
             raise InputError(f"{src.name}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+    # rotary_emb.inv_freq: a buffer older transformers saved; RoPE comes from the config
+    unused = sorted(n for n in names - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+    if unused:     # a config with fewer layers, or biases it says the model lacks: the export would drop them
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        raise InputError(f"{src.name}: holds tensors its config has no place for ({', '.join(unused[:3])}{more}); "
+                         f"check num_hidden_layers, attention_bias and mlp_bias")

@@ -144,6 +144,26 @@ def test_gguf_with_what_llamac_would_misread_is_refused(extra, match, tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
+def test_tensors_the_config_has_no_place_for_are_refused(tmp_path):
+    """A config with fewer layers than the weights exported the first layers only; a bias the config says the model
+    lacks was dropped. The rotary buffer older transformers saved is not a weight, and is skipped."""
+    from safetensors.numpy import load_file, save_file
+
+    make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
+    cfg_file, weights = tmp_path / "hf" / "config.json", tmp_path / "hf" / "model.safetensors"
+    cfg, tensors = json.loads(cfg_file.read_text()), load_file(weights)
+    cfg_file.write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    with pytest.raises(InputError, match=r"no place for \(model\.layers\.1\..*num_hidden_layers"):
+        export(tmp_path / "hf", tmp_path / "a", progress=False)
+    cfg_file.write_text(json.dumps(cfg))
+    save_file(dict(tensors, **{"model.layers.0.self_attn.q_proj.bias": np.ones(64, np.float32)}), weights)
+    with pytest.raises(InputError, match=r"q_proj\.bias"):
+        export(tmp_path / "hf", tmp_path / "b", progress=False)
+    save_file(dict(tensors, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}), weights)
+    assert (export(tmp_path / "hf", tmp_path / "c", progress=False) / "model.onnx").is_file()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("pre", [None, "llama-bpe"])
 def test_gguf_byte_level_vocab_with_llama3_split_is_kept(pre, tmp_path):
     model = make_hf_checkpoint(tmp_path / "hf", **CONFIGS["llama2_mha"])
