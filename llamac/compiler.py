@@ -32,6 +32,8 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
     scheme = _scheme(quant, group_size)
     src, out = Path(src), Path(out)
     refuse_replacing_source(out, src)
+    if max_seq_len is not None and (src / "config.json").is_file() and not (src / "manifest.json").is_file():
+        _context(max_seq_len, _model_context(src))     # a HF or export directory: refuse before a long export
     with tempfile.TemporaryDirectory(prefix="llamac-compile-") as work, artifact.staging(out, force) as tmp:
         is_export = (src / "model.onnx").is_file()
         with stage("export: " + ("SRC is an export directory, used as is" if is_export else f"{src.name} -> ONNX")):

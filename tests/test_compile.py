@@ -325,6 +325,19 @@ def test_bad_input(case, root, tmp_path):
         assert "float16 export" in msg and "--quant" in msg
 
 
+def test_a_context_longer_than_the_model_is_refused_before_the_export(root, tmp_path, monkeypatch):
+    """It was refused only after the whole export (minutes for a large checkpoint), under the import stage."""
+    import llamac.export.exporter as exporter
+    from llamac.compiler import compile_model
+
+    exported(root, "llama2_mha")
+    monkeypatch.setattr(exporter, "export", lambda *a, **k: pytest.fail("exported before checking --max-seq-len"))
+    with pytest.raises(InputError, match="--max-seq-len must be between 1 and the model's context"):
+        compile_model(root / "llama2_mha" / "hf", "x86_64", quant="q4", out=tmp_path / "art", progress=False,
+                      max_seq_len=10 ** 6)
+    assert not (tmp_path / "art").exists()
+
+
 def test_existing_output_needs_force(root, tmp_path):
     _, export_dir = exported(root, "llama2_mha")
     out = tmp_path / "art"
