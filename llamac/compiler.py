@@ -196,14 +196,24 @@ class _Stage:
     def __init__(self, name: str, enabled: bool):
         self.name, self.enabled = name, enabled
 
+    # On a terminal the stage shows while it runs and, if it fails, is wiped, so that a refusal stays one line (the
+    # error); in a log it is written once done.
     def __enter__(self):
         self.t0 = time.perf_counter()
-        if self.enabled:
+        self.tty = sys.stderr.isatty()
+        if self.enabled and self.tty:
             print(f"compile: {self.name} ...", end="", file=sys.stderr, flush=True)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.enabled:
-            status = f" {time.perf_counter() - self.t0:.1f}s" if exc_type is None else " failed"
-            print(status, file=sys.stderr, flush=True)
+        if not self.enabled:
+            return False
+        took = f"{time.perf_counter() - self.t0:.1f}s"
+        if exc_type is not None:
+            if self.tty:
+                print("\r\033[K", end="", file=sys.stderr, flush=True)
+        elif self.tty:
+            print(f" {took}", file=sys.stderr, flush=True)
+        else:
+            print(f"compile: {self.name} ... {took}", file=sys.stderr, flush=True)
         return False
