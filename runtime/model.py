@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from llamac.errors import InputError
 
+from .prompt import as_token_ids
 from .sampling import Sampler
 
 
@@ -67,7 +70,9 @@ class Model:
             ids = self.tokenizer.encode(prompt)
             bos = self.config.bos_token_id
             return ([bos] if add_bos and bos is not None else []) + list(ids)
-        return [int(i) for i in prompt]  # the session checks them against the vocabulary
+        if not isinstance(prompt, (Sequence, np.ndarray)) or isinstance(prompt, bytes):
+            raise InputError(f"a prompt is text or a sequence of token ids, got {type(prompt).__name__}")
+        return as_token_ids(prompt)[0].tolist()     # the session checks them against the vocabulary
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -76,10 +81,17 @@ class Model:
         """Generate up to max_new_tokens; returns a Generation, or with stream=True an iterator of text pieces
         (its .result is set when it ends). `stop`: a string or several. Pass `session` to continue a conversation in
         the same KV cache: when the call ends, the cache holds the prompt, the reply and its end-of-sequence token."""
-        it = _Stream(self, prompt, max_new_tokens, Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                           min_p=min_p, repetition_penalty=repetition_penalty,
-                                                           seed=seed),
-                     (stop,) if isinstance(stop, str) else tuple(stop), session, add_bos, truncate)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) \
+            if isinstance(stop, (list, tuple)) else None
+        if stops is None or not all(isinstance(st, str) for st in stops):
+            raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
+        it = _Stream(self, prompt, int(max_new_tokens), Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                                min_p=min_p, repetition_penalty=repetition_penalty,
+                                                                seed=seed),
+                     stops, session, add_bos, truncate)
         if stream:
             return it
         for _ in it:
@@ -203,6 +215,8 @@ def _has_tokenizer(m: Model) -> bool:
 def load(path: str | Path, threads: int | None = None) -> Model:
     """Load a compiled artifact (manifest.json) or an export directory (model.onnx)."""
     path = Path(path)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a whole number >= 1 (or None for every core), got {threads!r}")
     if (path / "manifest.json").is_file():
         from .tvm_backend import TVMModel
 

@@ -28,6 +28,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            _check_type(name, getattr(self, name), (int, float, np.integer, np.floating), "a number")
+        for name in ("top_k", "repetition_window"):
+            _check_type(name, getattr(self, name), (int, np.integer), "a whole number")
+        if self.seed is not None:
+            _check_type("seed", self.seed, (int, np.integer), "a whole number")
+            if self.seed < 0:
+                raise InputError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.temperature < math.inf:      # written so that NaN fails too
             raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -40,6 +48,11 @@ class SamplingParams:
             raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.repetition_window < 0:
             raise InputError(f"repetition_window must be >= 0, got {self.repetition_window}")
+
+
+def _check_type(name: str, value: object, types: tuple, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, types):     # "0.5" or 2.5 as top_k failed deep inside
+        raise InputError(f"{name} must be {what}, got {value!r}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:

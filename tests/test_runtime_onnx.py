@@ -92,6 +92,32 @@ def test_context_overflow_is_clear(export_dir):
     assert len(g.prompt_tokens) == m.max_seq_len - m.max_seq_len // 2 and g.prompt_tokens[0] == 1
 
 
+@pytest.mark.parametrize("prompt,kw,match", [
+    ([1, 1.7], {}, "token ids must be integers, got 1.7"),          # was run as [1, 1]
+    (np.array([1.9, 2.2]), {}, "must be integers"), ([1, None], {}, "must be integers"),
+    (None, {}, "a prompt is text or a sequence"), (12, {}, "a prompt is text or a sequence"),
+    (PROMPT, dict(temperature="0.5"), "temperature must be a number"),
+    (PROMPT, dict(top_k=float("nan")), "top_k must be a whole number"),   # was taken as "off"
+    (PROMPT, dict(top_k=2.5), "top_k must be a whole number"), (PROMPT, dict(seed=-1), "seed must be >= 0"),
+    (PROMPT, dict(seed="x"), "seed must be a whole number"), (PROMPT, dict(stop=[1]), "stop must be a string"),
+    (PROMPT, dict(max_new_tokens=-1), "max_new_tokens must be"),        # returned nothing without a word
+    (PROMPT, dict(max_new_tokens=1.5), "max_new_tokens must be"),
+])
+def test_generate_refuses_arguments_of_the_wrong_kind(export_dir, prompt, kw, match):
+    """What the API got wrong was a TypeError from deep inside, a silent truncation, or nothing at all."""
+    m = load(export_dir)
+    with pytest.raises(InputError, match=match):
+        m.generate(prompt, **{"max_new_tokens": 2, **kw})
+
+
+def test_generate_takes_stop_none_and_arrays_of_ids(export_dir):
+    m = load(export_dir)
+    want = m.generate(PROMPT, 4).tokens
+    assert m.generate(np.array(PROMPT), 4, stop=None).tokens == want
+    with pytest.raises(InputError, match="threads must be a whole number"):
+        load(export_dir, threads=-2)
+
+
 def test_cli_run_json(export_dir):
     r = subprocess.run([sys.executable, "-m", "llamac", "run", str(export_dir), "--ids", "1,17,93,204", "-n", "8",
                         "--json"], capture_output=True, text=True)
