@@ -10,11 +10,13 @@ from typing import Callable
 import click
 
 from llamac.runtime.chat_template import STOP_STRINGS, apply_chat_template, detect_template, read_hf_template
+from llamac.runtime.sampling import SamplingParams
 
 
 def chat_loop(model, system: str | None = None, template: str | None = None, max_new_tokens: int = 256,
               read: Callable[[], str | None] = None, write: Callable[[str], None] = None,
-              notify: Callable[[str], None] = lambda note: None, **sampling) -> list[dict]:
+              notify: Callable[[str], None] = lambda note: None, ready: Callable[[], None] = lambda: None,
+              **sampling) -> list[dict]:
     """Run turns until read() returns None or '/exit'; returns the messages (those still in the context).
 
     When the conversation and room for a reply (max_new_tokens, at most half the context) outgrow the context, the
@@ -23,6 +25,8 @@ def chat_loop(model, system: str | None = None, template: str | None = None, max
     tok = model.tokenizer
     name = template or detect_template(tok, read_hf_template(model.path))
     apply_chat_template([{"role": "user", "content": "hi"}], tok, name)   # a template the tokenizer lacks: now
+    SamplingParams(**sampling)          # and bad sampling options, before the user types anything
+    ready()
     messages = [{"role": "system", "content": system}] if system else []
     first = len(messages)                   # index of the oldest turn
     room = min(max_new_tokens, model.max_seq_len // 2)
@@ -52,7 +56,11 @@ def chat_loop(model, system: str | None = None, template: str | None = None, max
             fed = []
         stream = model.generate(ids[len(fed):], max_new_tokens, session=sess, stream=True,
                                 stop=STOP_STRINGS.get(name, []), **sampling)
+        started = False
         for piece in stream:
+            if not started:     # the reply continues the template's text: shown without the space before it
+                piece = piece.lstrip()
+                started = bool(piece)
             write(piece)
         g = stream.result
         write("\n")
@@ -65,6 +73,7 @@ def run_chat(model, system: str | None, template: str | None, max_new_tokens: in
         try:
             return click.prompt(click.style("you", bold=True), prompt_suffix="> ", default="", show_default=False)
         except (EOFError, click.exceptions.Abort):
+            click.echo()        # end the prompt's line
             return None
 
     def write(text: str) -> None:
@@ -73,5 +82,5 @@ def run_chat(model, system: str | None, template: str | None, max_new_tokens: in
     def notify(note: str) -> None:
         click.echo(note, err=True)
 
-    click.echo("(type /exit or Ctrl-D to leave)", err=True)
-    chat_loop(model, system, template, max_new_tokens, read, write, notify, **sampling)
+    chat_loop(model, system, template, max_new_tokens, read, write, notify,
+              lambda: click.echo("(type /exit or /quit, or Ctrl-D, to leave)", err=True), **sampling)

@@ -136,7 +136,8 @@ def _options_as_argv(ctx: click.Context, skip: set[str]) -> list[str]:
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min_p x the top probability.")
-@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--repetition-penalty", default=1.0, show_default=True,
+              help="Above 1 discourages the tokens among the last 64, prompt included (1 = off).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--truncate", is_flag=True,
@@ -271,15 +272,23 @@ def perplexity(art: Path, text_file: Path, window: int | None, max_tokens: int |
               help="Chat template (default: detected from the tokenizer).")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per reply at most.")
 @click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0 = all).")
 @click.option("--top-p", default=0.9, show_default=True)
+@click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min_p x the top probability.")
+@click.option("--repetition-penalty", default=1.0, show_default=True,
+              help="Above 1 discourages the tokens among the last 64 (1 = off).")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
 def chat(art: Path | None, system: str | None, template: str | None, max_tokens: int, temperature: float,
-         top_p: float, seed: int | None) -> None:
-    """Chat interactively (the KV cache is kept across turns)."""
+         top_k: int, top_p: float, min_p: float, repetition_penalty: float, seed: int | None,
+         threads: int | None) -> None:
+    """Chat interactively (the KV cache is kept across turns; /exit, /quit or Ctrl-D leaves)."""
     from llamac.chat import run_chat
     from llamac.runtime import load
 
-    run_chat(load(art or _default_artifact()), system, template, max_tokens, temperature=temperature, top_p=top_p,
+    _warn_if_oversubscribed(threads)
+    run_chat(load(art or _default_artifact(), threads=threads), system, template, max_tokens,
+             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
              seed=seed)
 
 

@@ -132,7 +132,9 @@ class _Stream:
         m, s = self.model, self.session
         has_tok = _has_tokenizer(m)
         eos = m.eos_ids
-        detok = m.tokenizer.stream() if has_tok else None
+        # after text (a prompt's, or earlier turns'), the reply's first word keeps its space: prompt + text reads
+        # as the model wrote it ("And" + " he said", not "Andhe said"), and a stop string can start with a space
+        detok = m.tokenizer.stream(continues=s.n_past > 0 or _has_text(m.tokenizer, self.ids)) if has_tok else None
         # a vocabulary padded past the tokenizer's (rows no text maps to): sample only ids the tokenizer can write
         offered = max(m.tokenizer.vocab_size, max(eos, default=-1) + 1) if has_tok else None
         t0 = time.perf_counter()
@@ -202,6 +204,11 @@ def generation_eos(path: Path) -> set[int]:
         raise InputError(f"{f}: not a valid generation config ({e})") from None
     ids = eos if isinstance(eos, list) else [eos]
     return {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
+
+
+def _has_text(tok, ids: Sequence[int]) -> bool:
+    """Whether ids hold a token that is text, not markup (BOS, chat headers)."""
+    return any(0 <= i < tok.vocab_size and not tok.is_special(i) for i in ids)
 
 
 def _has_tokenizer(m: Model) -> bool:

@@ -79,9 +79,10 @@ class Tokenizer:
         stream = self.stream(skip_special)
         return "".join(stream.put(i) for i in ids) + stream.flush()
 
-    def stream(self, skip_special: bool = False) -> TokenStream:
-        """A streaming detokenizer: put(id) returns only complete characters, flush() the rest."""
-        return TokenStream(self, skip_special)
+    def stream(self, skip_special: bool = False, continues: bool = False) -> TokenStream:
+        """A streaming detokenizer: put(id) returns only complete characters, flush() the rest. `continues`: the
+        tokens follow text (a prompt), so a sentencepiece word keeps the space before it."""
+        return TokenStream(self, skip_special, continues)
 
     def _check_id(self, token_id: int) -> int:
         if not 0 <= token_id < self.vocab_size:
@@ -120,11 +121,11 @@ class TokenStream:
     """Incremental detokenizer. It holds back incomplete UTF-8 sequences and never emits broken text:
     bytes that can never form a character become U+FFFD, exactly as a whole-sequence decode would show them."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, continues: bool = False) -> None:
         self._tok = tokenizer
         self._skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._first = True  # no text token seen yet (sentencepiece strips the dummy-prefix space there)
+        self._first = not continues  # no text yet (sentencepiece strips the dummy-prefix space there)
 
     def put(self, token_id: int) -> str:
         if self._tok.is_special(token_id):

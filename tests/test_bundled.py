@@ -140,6 +140,24 @@ def test_a_session_continues_after_the_whole_reply(bundled_export):
     assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 1e-4
 
 
+def test_text_after_a_prompt_keeps_the_space_before_its_first_word(bundled_export):
+    """prompt + text must read as the whole sequence decoded: "And" + "he said" lost a word break (sentencepiece
+    drops the dummy-prefix space only at the start of a text), and a stop string starting with a space never hit."""
+    from llamac.runtime import load
+
+    m = load(bundled_export)
+    tok = m.tokenizer
+    for prompt in ("And", "In the beginning God", "And he said unto them,"):
+        g = m.generate(prompt, 12)
+        ids = g.prompt_tokens + g.tokens
+        assert prompt + g.text == tok.decode(ids[1:]), (prompt, g.text)
+        streamed = "".join(m.generate(prompt, 12, stream=True))
+        assert streamed == g.text
+    first = m.generate("And", 1).text
+    assert first.startswith(" ") and m.generate("And", 8, stop=first).stop_reason == "stop"
+    assert not m.generate([tok.bos_id], 4).text.startswith(" ")     # a text's start still drops it
+
+
 def test_a_stop_string_given_alone_is_one_string(bundled_export):
     from llamac.runtime import load
 

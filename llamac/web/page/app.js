@@ -188,7 +188,9 @@
     }
     window.llamacResult = undefined;
     const eos = new Set(w.eos_token_ids.concat(S.tok ? S.tok.eosIds : []));
-    const detok = S.tok ? S.tok.decoder() : null;
+    // after a prompt with text, the reply's first word keeps its space (prompt + text reads as written)
+    const detok = S.tok ? S.tok.decoder(promptIds.some((i) => i < S.tok.tokenBytes.length && !S.tok.special.has(i)))
+      : null;
     const rng = makeRng(seed);
     const sess = { kv: emptyKv(), nPast: 0 };
     const outEl = $("output");

@@ -144,10 +144,11 @@
     }
 
     // ---- decoding: token bytes through a streaming UTF-8 decoder (characters split across tokens come out whole)
-    decoder() {
+    // continues: the tokens follow text (a prompt), so a sentencepiece word keeps the space before it
+    decoder(continues = false) {
       const tok = this;
       const utf8 = new TextDecoder("utf-8", { fatal: false });
-      let first = true;
+      let first = !continues;
       return {
         put(id) {
           const bytes = tok.tokenBytes[id] || new Uint8Array(0);
