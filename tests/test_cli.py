@@ -83,6 +83,15 @@ def test_chat_reads_turns_until_exit(export_dir):
 def test_chat_refuses_a_template_the_tokenizer_lacks_before_the_first_message(export_dir):
     r = cli("chat", export_dir, "--template", "llama3", "-n", 4, stdin="And God said\n")
     assert r.returncode == 2 and "<|start_header_id|>" in r.stderr and not r.stdout.strip(), (r.stdout, r.stderr)
+    assert "/exit" not in r.stderr
+
+
+@pytest.mark.parametrize("option", [["--temperature", "-1"], ["--top-p", "0"], ["--temperature", "nan"]])
+def test_chat_refuses_bad_sampling_options_before_the_banner(export_dir, option):
+    # they were checked at the first message: with no input, chat even ended with exit 0
+    for stdin in ("", "hi\n"):
+        r = cli("chat", export_dir, *option, stdin=stdin)
+        assert r.returncode == 2 and "/exit" not in r.stderr and not r.stdout.strip(), (r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("args", [
