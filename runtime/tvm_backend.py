@@ -90,6 +90,40 @@ def _check_manifest(m: dict, f: Path) -> None:
     if not positive_ints([m["max_seq_len"]]) or m["max_seq_len"] > kv["shape"][2]:
         raise InputError(f"{f}: malformed manifest (max_seq_len {m['max_seq_len']!r} against a KV cache of "
                          f"{kv['shape'][2]} positions)")
+    _check_against_files(m, f)
+
+
+def _check_against_files(m: dict, f: Path) -> None:
+    """The manifest is not checksummed itself: what the runtime takes from it must agree with checksummed files.
+    The model config must equal config.json (a larger vocab_size let ids past the embedding table through), the
+    weights file must be checksummed, every tensor must lie inside it and the KV cache must fit the model."""
+    for name in (m["weights"]["file"], "config.json"):
+        if name not in m["files"]:
+            raise InputError(f"{f}: malformed manifest ({name} is not among the checksummed files)")
+    try:
+        config = json.loads((f.parent / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None       # verify_files reports it
+    if config is not None and config != m["model"]:
+        raise InputError(f"{f}: the manifest's model differs from config.json (an edited manifest?)")
+    size = m["files"][m["weights"]["file"]].get("size") if isinstance(m["files"][m["weights"]["file"]], dict) \
+        else None           # the checksummed size (verify_files checks the file against it)
+    size = size if isinstance(size, int) else None
+    for t in m["weights"]["tensors"]:
+        try:
+            shape, offset, nbytes = list(t["shape"]), int(t["offset"]), int(t["nbytes"])
+            need = int(np.prod(shape, dtype=np.int64)) * np.dtype(t["dtype"]).itemsize
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InputError(f"{f}: malformed manifest (weights tensor {t!r:.80})") from None
+        if offset < 0 or nbytes < need or (size is not None and offset + nbytes > size):
+            raise InputError(f"{f}: malformed manifest (weights tensor {t.get('name')} does not lie inside "
+                             f"{m['weights']['file']})")
+    model, kv = m["model"], m["kv_cache"]
+    heads = model.get("num_attention_heads") or 1
+    want = [1, model.get("num_key_value_heads") or heads, kv["shape"][2],
+            model.get("head_dim") or (model.get("hidden_size") or 0) // heads]
+    if kv["shape"] != want or kv["count"] != 2 * (model.get("num_hidden_layers") or 0):
+        raise InputError(f"{f}: malformed manifest (kv_cache {kv['shape']} x {kv['count']} does not fit the model)")
 
 
 def is_webgpu_manifest(m) -> bool:
@@ -254,9 +288,13 @@ class TVMModel:
         self._dev = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.path / m["library"]))
         self._vm = tvm.runtime.vm.VirtualMachine(lib, self._dev)
-        self._main = self._vm[m["entry"]["function"]]
-        decode = m["entry"].get("decode")
-        self._decode = self._vm[decode] if decode else self._main     # same signature, seq fixed to 1
+        try:
+            self._main = self._vm[m["entry"]["function"]]
+            decode = m["entry"].get("decode")
+            self._decode = self._vm[decode] if decode else self._main     # same signature, seq fixed to 1
+        except AttributeError:      # TVM: "Module has no function ..."
+            raise InputError(f"{self.path}: malformed manifest (entry names a function {m['library']} lacks)") \
+                from None
         self._params = self._load_weights(m["weights"])
         kv = m["kv_cache"]
         self._kv_shape = tuple(kv["shape"])
@@ -292,13 +330,28 @@ class TVMModel:
         self._use_threads()
         total = n_past + ids.shape[1]
         f = self._decode if ids.shape[1] == 1 else self._main
-        return _last_logits(f(*stage.tensors(ids, n_past, total), *caches, self._params))
+        try:
+            return _last_logits(f(*stage.tensors(ids, n_past, total), *caches, self._params))
+        except (ValueError, RuntimeError) as e:
+            raise _shape_error(self.path, e) from None
 
     def step_token(self, token: int, n_past: int, caches: list, stage: "_Inputs") -> np.ndarray:
         """`step` for one token that the caller has checked (the decode loop's path: no array is built)."""
         if _POOL["threads"] != self.threads:
             self._use_threads()
-        return _last_logits(self._decode(*stage.one_token(token, n_past), *caches, self._params))
+        try:
+            return _last_logits(self._decode(*stage.one_token(token, n_past), *caches, self._params))
+        except (ValueError, RuntimeError) as e:
+            raise _shape_error(self.path, e) from None
+
+
+def _shape_error(path: Path, e: Exception) -> Exception:
+    """TVM's check of the step's arguments failing: the manifest's cache or weights disagree with the library (the
+    library is checksummed, the manifest is not). Any other error as it was."""
+    if "Check failed" in str(e) and "ErrorContext(fn=" in str(e):
+        return InputError(f"{path}: the library does not accept the KV cache or weights the manifest describes (an "
+                          f"edited manifest?)")
+    return e
 
 
 _POOL = {"threads": None}    # the size TVM's pool was last given (by the model that ran last)

@@ -148,10 +148,25 @@ def test_a_manifest_edited_by_hand_is_refused(tmp_path):
     good = json.loads((art / "manifest.json").read_text())
     edits = [{"max_seq_len": 64}, {"max_seq_len": "x"}, {"weights": {}}, {"kv_cache": {}}, {"entry": {}},
              {"model": "x"}, {"files": []}, {"library": "../other/model.so"}]
+    files = {k: v for k, v in good["files"].items() if k != "weights.bin"}     # its checksum off
+    tensors = [dict(t) for t in good["weights"]["tensors"]]
+    tensors[-1]["offset"] = good["files"]["weights.bin"]["size"]                # past the end of the file
+    kv_count = {**good["kv_cache"], "count": good["kv_cache"]["count"] + 2}
+    edits += [{"files": files}, {"weights": {**good["weights"], "tensors": tensors}}, {"kv_cache": kv_count},
+              {"entry": {**good["entry"], "function": "nope"}}]
     for edit in edits:
         (art / "manifest.json").write_text(json.dumps({**good, **edit}))
         with pytest.raises(InputError, match="malformed manifest"):
             load(art)
+    # the model config must be config.json's: a larger vocab_size let ids past the embedding table through
+    (art / "manifest.json").write_text(json.dumps({**good, "model": {**good["model"], "vocab_size": 5000}}))
+    with pytest.raises(InputError, match="differs from config.json"):
+        load(art)
+    # the cache capacity is the library's: a larger one in the manifest fails TVM's check of the step's arguments
+    kv = {**good["kv_cache"], "shape": good["kv_cache"]["shape"][:2] + [32] + good["kv_cache"]["shape"][3:]}
+    (art / "manifest.json").write_text(json.dumps({**good, "kv_cache": kv}))
+    with pytest.raises(InputError, match="does not accept the KV cache or weights the manifest describes"):
+        load(art).generate([1, 2, 3], max_new_tokens=3)
     (art / "manifest.json").write_text(json.dumps(good))
     assert len(load(art).generate([1, 2, 3], max_new_tokens=3).tokens) == 3
 
