@@ -28,7 +28,9 @@ def _group(name: str) -> str:
 def describe_export(path: Path) -> str:
     path = Path(path)
     if not (path / MODEL_FILE).is_file():
-        raise InputError(f"{path}: not an export directory (no {MODEL_FILE})")
+        what = "no such file or directory" if not path.exists() else f"neither an export directory (no {MODEL_FILE}) " \
+            f"nor an artifact (no manifest.json)"
+        raise InputError(f"{path}: {what}")
     cfg = ModelConfig.load(path)
     try:
         model = onnx.load(str(path / MODEL_FILE), load_external_data=False)

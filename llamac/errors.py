@@ -23,12 +23,13 @@ def check_output_dir(out: Path, force: bool) -> None:
     out = Path(out)
     if not out.exists():
         return
-    if not force:
-        raise InputError(f"{out} already exists (pass --force to replace it)")
     if not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
     names = {p.name for p in out.iterdir()}
-    if names and not names & {"manifest.json", "model.onnx"}:
+    replaceable = not names or bool(names & {"manifest.json", "model.onnx"})
+    if not force:       # suggest --force only where it would be taken
+        raise InputError(f"{out} already exists" + (" (pass --force to replace it)" if replaceable else ""))
+    if not replaceable:
         raise InputError(f"{out} is not a llamac export or artifact: --force replaces only those (or an empty "
                          f"directory)")
 

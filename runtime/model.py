@@ -116,8 +116,8 @@ class _Stream:
         if len(self.ids) > room:
             if not truncate:
                 raise InputError(f"prompt of {len(self.ids)} tokens does not fit the context "
-                                 f"({room} of {self.session.max_seq_len} positions left); use truncation to keep "
-                                 f"its end")
+                                 f"({room} of {self.session.max_seq_len} positions left); pass truncate=True "
+                                 f"(--truncate) to keep its end")
             self.ids = _truncated(self.ids, room, max_new_tokens, model.config.bos_token_id, self.session.n_past == 0)
         self.result: Generation | None = None
         self._gen = self._run()

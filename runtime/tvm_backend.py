@@ -182,7 +182,10 @@ def map_weights(file: Path) -> np.ndarray:
     copy would take more than 3/4 of the available memory (a model that only fits by paging from its file), or with
     LLAMAC_WEIGHTS=mmap, a copy-on-write map of the file: pages come from the page cache and are never written."""
     size = file.stat().st_size
-    if (os.environ.get("LLAMAC_WEIGHTS") == "mmap" or size < HUGE_PAGE or not _huge_pages_offered()
+    how = os.environ.get("LLAMAC_WEIGHTS", "")
+    if how not in ("", "mmap"):     # a typo would quietly keep the default
+        raise InputError(f"LLAMAC_WEIGHTS must be 'mmap' or unset, got {how!r}")
+    if (how == "mmap" or size < HUGE_PAGE or not _huge_pages_offered()
             or size > _mem_available() * 3 // 4):
         return np.memmap(file, dtype=np.uint8, mode="c")
     region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

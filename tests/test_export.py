@@ -282,7 +282,13 @@ def test_cli_export_and_inspect(tmp_path):
     assert r.returncode == 0
     assert "past_key_values.0.key" in r.stdout and "num_kv_heads: 2" in r.stdout and "total" in r.stdout
     r = run_cli("export", tmp_path / "hf", "-o", tmp_path / "out")
-    assert r.returncode == 2 and "already exists" in r.stderr
+    assert r.returncode == 2 and "already exists (pass --force" in r.stderr
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = run_cli("export", tmp_path / "hf", "-o", tmp_path / "mine")     # --force would refuse it too: not offered
+    assert r.returncode == 2 and "already exists" in r.stderr and "--force" not in r.stderr, r.stderr
+    r = run_cli("inspect", tmp_path / "nowhere")
+    assert r.returncode == 2 and "no such file or directory" in r.stderr, r.stderr
 
 
 def test_force_replaces_only_what_llamac_wrote(tmp_path):

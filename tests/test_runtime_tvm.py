@@ -201,3 +201,6 @@ def test_weights_sit_in_huge_pages_where_linux_offers_them(tmp_path, monkeypatch
     monkeypatch.setenv("LLAMAC_WEIGHTS", "mmap")
     mapped = map_weights(f)
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, data)
+    monkeypatch.setenv("LLAMAC_WEIGHTS", "map")         # a typo quietly kept the default
+    with pytest.raises(InputError, match="LLAMAC_WEIGHTS must be 'mmap' or unset"):
+        map_weights(f)
