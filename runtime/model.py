@@ -84,9 +84,11 @@ class Model:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-        stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) \
-            if isinstance(stop, (list, tuple)) else None
-        if stops is None or not all(isinstance(st, str) for st in stops):
+        if stop is None or isinstance(stop, str):
+            stops = () if stop is None else (stop,)
+        elif isinstance(stop, (list, tuple)) and all(isinstance(st, str) for st in stop):
+            stops = tuple(stop)
+        else:
             raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
         it = _Stream(self, prompt, int(max_new_tokens), Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
                                                                 min_p=min_p, repetition_penalty=repetition_penalty,
@@ -222,8 +224,10 @@ def _has_tokenizer(m: Model) -> bool:
 def load(path: str | Path, threads: int | None = None) -> Model:
     """Load a compiled artifact (manifest.json) or an export directory (model.onnx)."""
     path = Path(path)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 1):
         raise InputError(f"threads must be a whole number >= 1 (or None for every core), got {threads!r}")
+    threads = None if threads is None else int(threads)
     if (path / "manifest.json").is_file():
         from .tvm_backend import TVMModel
 
