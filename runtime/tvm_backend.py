@@ -106,9 +106,10 @@ def _check_against_files(m: dict, f: Path) -> None:
         config = None       # verify_files reports it
     if config is not None and config != m["model"]:
         raise InputError(f"{f}: the manifest's model differs from config.json (an edited manifest?)")
-    size = m["files"][m["weights"]["file"]].get("size") if isinstance(m["files"][m["weights"]["file"]], dict) \
-        else None           # the checksummed size (verify_files checks the file against it)
-    size = size if isinstance(size, int) else None
+    info = m["files"][m["weights"]["file"]]
+    size = info.get("size") if isinstance(info, dict) else None     # checksummed: verify_files checks the file
+    if not isinstance(size, int):
+        size = None
     for t in m["weights"]["tensors"]:
         try:
             shape, offset, nbytes = list(t["shape"]), int(t["offset"]), int(t["nbytes"])
