@@ -85,20 +85,24 @@ def test_attention_reads_key_extents_from_the_mask(mask_found, root, tmp_path, m
         assert rel_err(g, r) < TOL, f"step {n}"
 
 
-def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
-    """On a dot target, q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per
-    layer and the lm_head, in both step functions (the results are checked against transformers above)."""
-    from tvm import relax
-
+def _rewritten(root, tmp_path, monkeypatch, target: str, quant: str):
+    """(the Relax module the rewrite hands to the build, the model's layers) of llama3_gqa_tied compiled for target."""
     from llamac import tvm_rewrite
 
     plans = []
     real = tvm_rewrite.rewrite
     monkeypatch.setattr(tvm_rewrite, "rewrite", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
     _, export_dir = exported(root, "llama3_gqa_tied")
-    art = compile_tiny(export_dir, tmp_path / "art", "x86_64-avx2", "q4")
-    layers = json.loads((art / "manifest.json").read_text())["model"]["num_hidden_layers"]
-    mod = plans[0].mod
+    art = compile_tiny(export_dir, tmp_path / "art", target, quant)
+    return plans[0].mod, json.loads((art / "manifest.json").read_text())["model"]["num_hidden_layers"]
+
+
+def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
+    """On a dot target, q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per
+    layer and the lm_head, in both step functions (the results are checked against transformers above)."""
+    from tvm import relax
+
+    mod, layers = _rewritten(root, tmp_path, monkeypatch, "x86_64-avx2", "q4")
     for fname in ("main", "decode"):
         outputs = []
         for block in mod[fname].body.blocks:
@@ -117,15 +121,7 @@ def test_rms_norms_are_one_kernel_with_their_residual_add(root, tmp_path, monkey
     import tvm
     from tvm import relax
 
-    from llamac import tvm_rewrite
-
-    plans = []
-    real = tvm_rewrite.rewrite
-    monkeypatch.setattr(tvm_rewrite, "rewrite", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
-    _, export_dir = exported(root, "llama3_gqa_tied")
-    art = compile_tiny(export_dir, tmp_path / "art", "x86_64", "q8")
-    layers = json.loads((art / "manifest.json").read_text())["model"]["num_hidden_layers"]
-    mod = plans[0].mod
+    mod, layers = _rewritten(root, tmp_path, monkeypatch, "x86_64", "q8")
     for fname in ("main", "decode"):
         kernels, ops = [], []
         for block in mod[fname].body.blocks:
