@@ -66,7 +66,7 @@ class GGUFCheckpoint:
                 self._tensors[name] = t
             elif t.name == "rope_freqs.weight":
                 self._rope_freqs = np.asarray(t.data, dtype=np.float64)
-            elif not t.name.endswith(".attn_rot_embd"):  # a rotary table some converters add: RoPE comes from config
+            elif ".attn_rot_embd" not in t.name:  # a rotary table some converters add: RoPE comes from the config
                 unused.append(t.name)
         if unused:     # biases (llama.cpp's llama loads optional ones) or experts: the graph has no place for them
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
