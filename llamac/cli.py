@@ -90,8 +90,10 @@ def targets() -> None:
     """List the built-in targets."""
     from llamac.targets import list_targets
 
-    for t in list_targets():
-        click.echo(f"{t.name:16s} {t.summary}")
+    found = list_targets()
+    width = max(len(t.name) for t in found)
+    for t in found:
+        click.echo(f"{t.name:{width}s}  {t.summary}")
 
 
 def _bundled_checkpoint() -> Path:
