@@ -12,7 +12,7 @@ Kernel layout ("lanes" L output channels side by side, so one SIMD load feeds L 
   int:    scale  [N/L, G, L]            f16 or f32, G = ceil(K / group_size) (1 for per-channel)
 
 Layout "dot" (q4/q8 for targets with byte dot products, see `llamac.tvm_dot`): tiles of 8 channels x 4 inputs per
-32-byte word, 4 tiles interleaved; `pack(t, 8, "dot")`.
+32-byte word, `lanes` channels (lanes / 8 tiles) side by side; `pack(t, 32, "dot")`, lanes from `dot_lanes`.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def pick_lanes(n: int, preferred: int) -> int:
 def pack(t: QuantTensor, lanes: int, layout: str = "lanes") -> dict[str, np.ndarray]:
     """Logical -> kernel layout arrays (see module doc; layout "dot": `llamac.tvm_dot`)."""
     if layout == "dot":
-        return _pack_dot(t)
+        return _pack_dot(t, lanes // 8)
     nb = t.n // lanes
     if t.scheme.kind == "float":
         return {"w": np.ascontiguousarray(t.w.reshape(nb, lanes, t.k).transpose(0, 2, 1))}
@@ -220,7 +220,7 @@ def packed_shapes(scheme: Scheme, k: int, n: int, lanes: int,
                   layout: str = "lanes") -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes of `pack`'s arrays, without packing anything (the compiler declares kernel params)."""
     if layout == "dot":
-        kp, ti = dot_padded_k(scheme, k), dot_interleave(n)
+        kp, ti = dot_padded_k(scheme, k), lanes // 8
         cols = kp // 8 if scheme.bits == 4 else kp // 4
         return {"q": ((n // 8 // ti, cols, 32 * ti), "uint8" if scheme.bits == 4 else "int8"),
                 "scale": ((n // 8 // ti, kp // (scheme.group_size or kp), 8 * ti), scheme.scale_dtype)}
@@ -239,11 +239,12 @@ def dot_padded_k(scheme: Scheme, k: int) -> int:
     return -(-k // step) * step
 
 
-def dot_interleave(n: int) -> int:
-    """Channel tiles stored side by side (4 when N allows): a decode kernel reads them as one sequential stream,
-    which the hardware prefetchers follow (separate 4 KiB streams per tile defeat them)."""
+def dot_lanes(n: int, tiles: int) -> int:
+    """Output channels stored side by side in the dot layout: up to `tiles` (the target's) tiles of 8 that divide N.
+    A decode task reads its tiles as one sequential stream, which the hardware prefetchers follow (separate
+    4 KiB streams per tile defeat them)."""
     nb = n // 8
-    return next(t for t in (4, 2, 1) if nb % t == 0)
+    return 8 * next(t for t in (16, 8, 4, 2, 1) if t <= tiles and nb % t == 0)
 
 
 def _interleave(a: np.ndarray, ti: int) -> np.ndarray:
@@ -257,9 +258,10 @@ def _deinterleave(a: np.ndarray, ti: int) -> np.ndarray:
     return a.reshape(ng, c, ti, tw // ti).transpose(0, 2, 1, 3).reshape(ng * ti, c, tw // ti)
 
 
-def _pack_dot(t: QuantTensor) -> dict[str, np.ndarray]:
-    """Tiles of 8 channels x 4 inputs (q8: one byte each; q4: two nibbles, inputs j and j + 4 of 8), interleaved."""
-    kp, nb, ti = dot_padded_k(t.scheme, t.k), t.n // 8, dot_interleave(t.n)
+def _pack_dot(t: QuantTensor, ti: int) -> dict[str, np.ndarray]:
+    """Tiles of 8 channels x 4 inputs (q8: one byte each; q4: two nibbles, inputs j and j + 4 of 8), `ti` tiles
+    interleaved."""
+    kp, nb = dot_padded_k(t.scheme, t.k), t.n // 8
     scale = _interleave(t.scale.reshape(nb, 8, -1).transpose(0, 2, 1), ti)
     if t.scheme.bits == 8:
         q = np.zeros((t.n, kp), np.int8)
@@ -274,7 +276,7 @@ def _pack_dot(t: QuantTensor) -> dict[str, np.ndarray]:
 
 
 def _unpack_dot(arrays: dict[str, np.ndarray], scheme: Scheme, k: int, n: int) -> QuantTensor:
-    ti, nb = dot_interleave(n), n // 8
+    ti, nb = arrays["q"].shape[2] // 32, n // 8
     q = _deinterleave(arrays["q"], ti)
     scale = _deinterleave(arrays["scale"], ti).transpose(0, 2, 1).reshape(n, -1)
     if scheme.bits == 8:

@@ -1,10 +1,10 @@
 """Int8 dot-product kernels for q4/q8 linear layers: activations quantized on the fly, integer multiply-adds.
 
-On CPUs with byte dot products (AVX2 `vpmaddubsw`, Arm `sdot`) a quantized linear layer is cheapest as an integer
-dot product: the input row is quantized to int8 in blocks of 32 (one f32 scale per block, computed in the kernel),
-multiplied with the integer weight codes in 32-bit (or 16-bit, AVX2 q4) accumulators, and scaled to f32 once per
-block. Four to eight times fewer instructions per weight than dequantizing to f32, and it is the math llama.cpp's
-Q4_0/Q8_0 use. The result is exactly
+On CPUs with byte dot products (AVX2 `vpmaddubsw`, AVX-512 VNNI `vpdpbusd`, Arm `sdot`) a quantized linear layer is
+cheapest as an integer dot product: the input row is quantized to int8 in blocks of 32 (one f32 scale per block,
+computed in the kernel), multiplied with the integer weight codes in 32-bit (or 16-bit, AVX2 q4) accumulators, and
+scaled to f32 once per block. Four to eight times fewer instructions per weight than dequantizing to f32, and it is
+the math llama.cpp's Q4_0/Q8_0 use. The result is exactly
 
     y[s, n] = sum_blocks  dx[s, a] * s_w[n, g(a)] * sum_{k in a} xq[s, k] * q[n, k]      (q4: q = code - 8)
 
@@ -14,14 +14,15 @@ Weight layout ("dot", packed by `llamac.quantize`): channel tile b holds 8 outpu
 32-byte word holds 4 consecutive inputs per channel, so one broadcast of 4 activation bytes feeds 8 outputs.
   q8: byte 4*c + j of column t = input 4*t + j of channel c (int8)
   q4: low nibble of byte 4*c + j of column t = input 8*t + j, high nibble = input 8*t + 4 + j (uint8, codes value + 8)
-TI tiles (dot_interleave: 4 when N allows) are stored side by side, so that a decode task reads one stream:
+TI = lanes / 8 tiles (`dot_lanes`: the target's `dot_tiles` when N allows) are stored side by side, so that a decode
+task reads one stream:
   q [N/8/TI, KP/4 (q8) or KP/8 (q4), 32*TI], scales [N/8/TI, G, 8*TI]; KP = K rounded up to the weight group (or 32).
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from llamac.quantize import Scheme, dot_interleave, dot_padded_k
+from llamac.quantize import Scheme, dot_padded_k
 from llamac.targets import DOT_ISAS
 from llamac.tvm_kernels import for_each_chunk, for_each_task, tile_scope
 
@@ -70,21 +71,27 @@ def _psign(a, b):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), a, b, dtype="int8x32")
 
 
+def _vpdpbusd(acc, u8, i8):
+    """acc + the sums of four u8 x i8 products per int32 lane (AVX-512 VNNI, 256-bit form)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), acc, u8, i8,
+                                   dtype="int32x8")
+
+
 def _sdot(acc, a, b):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc, a, b,
                                    dtype="int32x4")
 
 
-def linear(scheme: Scheme, k: int, n: int, isa: str):
-    """y[1, S, N] = x[1, S, K] @ W for W in the dot layout; `isa` is "avx2" or "sdot"."""
-    return linear_group(scheme, k, (n,), isa)
+def linear(scheme: Scheme, k: int, n: int, isa: str, lanes: int):
+    """y[1, S, N] = x[1, S, K] @ W for W in the dot layout (`lanes` channels side by side); `isa` is a DOT_ISAS key."""
+    return linear_group(scheme, k, (n,), isa, (lanes,))
 
 
-def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str):
+def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: tuple[int, ...]):
     """y_i[1, S, N_i] = x[1, S, K] @ W_i for one to three weights in the dot layout that share their input (q, k, v;
     gate, up): x is quantized once and one parallel loop runs the tiles of every weight, one thread-pool launch
     instead of one per weight (q, k and v of the 123M model: 36 -> 28 us per decode step and layer)."""
-    assert isa in DOT_ISAS and 1 <= len(ns) <= 3 and all(supports(scheme, k, n) for n in ns)
+    assert isa in DOT_ISAS and 1 <= len(ns) == len(lanes) <= 3 and all(supports(scheme, k, n) for n in ns)
     K = k
     KP = dot_padded_k(scheme, K)
     NA = KP // BLOCK                     # activation blocks
@@ -95,13 +102,13 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str):
     WCOLS = KP // 8 if q4 else KP // 4
     wdtype = "uint8" if q4 else "int8"
     sdt = scheme.scale_dtype
-    avx2 = isa == "avx2"
+    avx2, vnni = isa == "avx2", isa == "vnni"
     TBP = 4                              # prefill tile: 4 rows x NTP channel tiles
     # per weight: channel tiles, tiles stored side by side (w[tile // TI, col, tile % TI * 32 + byte]), tiles per
     # decode task and per prefill task, and the tasks of each weight, which follow those of the one before
     NB = [n // LANES for n in ns]
-    TI = [dot_interleave(n) for n in ns]
-    NTD = [_decode_tiles(nb, ti, 16 if avx2 else 8) for nb, ti in zip(NB, TI)]
+    TI = [ln // LANES for ln in lanes]
+    NTD = [_decode_tiles(nb, ti, 8 if isa == "sdot" else 16) for nb, ti in zip(NB, TI)]
     NTP = [min(ti, 2) for ti in TI]
     DT = [nb // t for nb, t in zip(NB, NTD)]
     PT = [nb // t for nb, t in zip(NB, NTP)]
@@ -128,6 +135,29 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str):
                 for b in T.unroll(NT):
                     isum[t, b, T.ramp(0, 1, 8)] = _pmaddwd(a16[t, b, T.ramp(0, 1, 16)],
                                                            T.broadcast(T.int16(1), 16))
+        elif vnni:      # int32 sums directly: no 16-bit step, no vpmaddwd
+            for t in T.unroll(TB):
+                for b in T.unroll(NT):
+                    isum[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+            for c in T.unroll(4 if q4 else 8):
+                for t in T.unroll(TB):
+                    for b in T.unroll(NT):
+                        if q4:      # the codes are unsigned: vpdpbusd's u8 operand as they are
+                            isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(_vpdpbusd(
+                                isum[t, b, T.ramp(0, 1, 8)],
+                                T.bitwise_and(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
+                                              T.broadcast(T.uint8(15), 32)),
+                                _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 8)),
+                                T.shift_right(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
+                                              T.broadcast(T.uint8(4), 32)),
+                                _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 8))
+                        else:       # sign moved onto the weights, as for vpmaddubsw
+                            isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(
+                                isum[t, b, T.ramp(0, 1, 8)],
+                                _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
+                                       _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
+                                _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
+                                       _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)))
         elif avx2:
             for t in T.unroll(TB):
                 for b in T.unroll(NT):
@@ -325,7 +355,7 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str):
     return linear_dot
 
 
-def embedding(scheme: Scheme, k: int, n: int):
+def embedding(scheme: Scheme, k: int, n: int, lanes: int):
     """out[0, s, :] = dequantized row ids[0, s] of the dot-layout weight (tied embeddings share the lm_head's)."""
     K, N = k, n
     KP = dot_padded_k(scheme, K)
@@ -335,7 +365,7 @@ def embedding(scheme: Scheme, k: int, n: int):
     q4 = scheme.bits == 4
     WCOLS = KP // 8 if q4 else KP // 4
     wdtype = "uint8" if q4 else "int8"
-    TI = dot_interleave(N)
+    TI = lanes // LANES
 
     @T.prim_func(private=True)
     def embed_dot(ids_h: T.handle, w: T.Buffer((NB // TI, WCOLS, 32 * TI), wdtype),

@@ -26,7 +26,7 @@ from tvm import relax
 from llamac import tvm_dot, tvm_kernels
 from llamac.errors import InputError
 from llamac.export.config import ModelConfig
-from llamac.quantize import Scheme, SCHEMES, packed_shapes, pick_lanes
+from llamac.quantize import Scheme, SCHEMES, dot_lanes, packed_shapes, pick_lanes
 from llamac.tvm_import import Imported
 
 _OP = {n: tvm.ir.Op.get(f"relax.{n}") for n in
@@ -67,9 +67,9 @@ def _call_op(expr, name: str) -> bool:
 
 
 def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes: int,
-                 dot: str = "") -> tuple[dict, list]:
+                 dot: str = "", dot_tiles: int = 4) -> tuple[dict, list]:
     """Decide per weight parameter: packed linear/embedding weight (in the dot layout where the target has byte dot
-    products and the shape allows), or stored as is."""
+    products and the shape allows, up to `dot_tiles` tiles side by side), or stored as is."""
     func = imported.mod["main"]
     by_var = {p: n for n, p in zip(imported.param_names, func.params)}
     uses: dict[str, set] = {}
@@ -106,8 +106,8 @@ def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes
         k, n = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         sch = embed_scheme if is_embed else scheme
         if dot and tvm_dot.supports(sch, k, n):
-            packed[name] = PackedWeight(name, k, n, tvm_dot.LANES, sch, transpose,
-                                        packed_shapes(sch, k, n, tvm_dot.LANES, "dot"), "dot")
+            ln = dot_lanes(n, dot_tiles)
+            packed[name] = PackedWeight(name, k, n, ln, sch, transpose, packed_shapes(sch, k, n, ln, "dot"), "dot")
             continue
         ln = pick_lanes(n, lanes)
         packed[name] = PackedWeight(name, k, n, ln, sch, transpose, packed_shapes(sch, k, n, ln))
@@ -137,12 +137,12 @@ def _var_args(value) -> list:
 
 
 def rewrite(imports: dict[str, Imported], cfg: ModelConfig, capacity: int, scheme: Scheme, lanes: int,
-            quantize_embeddings: bool = True, dot: str = "") -> StepPlan:
+            quantize_embeddings: bool = True, dot: str = "", dot_tiles: int = 4) -> StepPlan:
     """One step function per import, e.g. {"main": any seq length, "decode": seq fixed to 1}; they share kernels,
     weights (same parameter order) and caches. A static seq makes the decode step's VM program much shorter."""
     embed_scheme = scheme if quantize_embeddings else SCHEMES["f32"]
     first = next(iter(imports.values()))
-    packed, plain = plan_weights(first, scheme, embed_scheme, lanes, dot)
+    packed, plain = plan_weights(first, scheme, embed_scheme, lanes, dot, dot_tiles)
     isa = dot
     mod, kernels, params, sliced = None, {}, [], True
     for fname, imported in imports.items():
@@ -541,8 +541,8 @@ class _StepRewriter(relax.PyExprMutator):
             xshape = [xshape[0], 1, xshape[2]]
             self.sliced_logits = True
         if pw.layout == "dot":
-            gv = self._kernel(("linear-dot", pw.scheme.name, pw.k, pw.n),
-                              lambda: tvm_dot.linear(pw.scheme, pw.k, pw.n, self.isa))
+            gv = self._kernel(("linear-dot", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                              lambda: tvm_dot.linear(pw.scheme, pw.k, pw.n, self.isa, pw.lanes))
         else:
             gv = self._kernel(("linear", pw.scheme.name, pw.k, pw.n, pw.lanes),
                               lambda: tvm_kernels.linear(pw.scheme, pw.k, pw.n, pw.lanes))
@@ -558,11 +558,11 @@ class _StepRewriter(relax.PyExprMutator):
 
     def _linear_group(self, calls: list) -> None:
         pws = [self.packed[self.by_var[c.args[1]]] for c in calls]
-        ns = tuple(pw.n for pw in pws)
+        ns, lanes = tuple(pw.n for pw in pws), tuple(pw.lanes for pw in pws)
         x = self._f32(self.visit_expr(calls[0].args[0]))
         rows = list(x.ty.shape.values)[1]
-        gv = self._kernel(("linear-dot", pws[0].scheme.name, pws[0].k) + ns,
-                          lambda: tvm_dot.linear_group(pws[0].scheme, pws[0].k, ns, self.isa))
+        gv = self._kernel(("linear-dot", pws[0].scheme.name, pws[0].k) + ns + lanes,
+                          lambda: tvm_dot.linear_group(pws[0].scheme, pws[0].k, ns, self.isa, lanes))
         args = [x] + [a for pw in pws for a in (self.weight_vars[pw.name]["q"], self.weight_vars[pw.name]["scale"])]
         out = self._emit(relax.call_tir(gv, args, [relax.TensorType([1, rows, n], "float32") for n in ns]))
         for i, c in enumerate(calls):
@@ -622,8 +622,8 @@ class _StepRewriter(relax.PyExprMutator):
         if len(ishape) != 2 or not _equal(ishape[0], 1):
             raise InputError(f"embedding lookup with ids of shape {ishape} (expected [1, seq])")
         if pw.layout == "dot":
-            gv = self._kernel(("embedding-dot", pw.scheme.name, pw.k, pw.n),
-                              lambda: tvm_dot.embedding(pw.scheme, pw.k, pw.n))
+            gv = self._kernel(("embedding-dot", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                              lambda: tvm_dot.embedding(pw.scheme, pw.k, pw.n, pw.lanes))
         else:
             gv = self._kernel(("embedding", pw.scheme.name, pw.k, pw.n, pw.lanes),
                               lambda: tvm_kernels.embedding(pw.scheme, pw.k, pw.n, pw.lanes))

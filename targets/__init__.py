@@ -14,7 +14,8 @@ shared library (a cross compiler for ARM), the kernel tile width (`lanes`) and w
     cc = "aarch64-linux-gnu-g++"      # linker driver for the library; searched on PATH (and in cc_search dirs)
     cc_package = "g++-aarch64-linux-gnu"
     lanes = 8                         # output channels per SIMD tile in the linear kernels
-    dot = "sdot"                      # byte dot products for q4/q8 (int8 kernels): "avx2" | "sdot"; omit for none
+    dot = "sdot"                      # byte dot products for q4/q8 (int8 kernels): "avx2" | "vnni" | "sdot"; omit
+    dot_tiles = 4                     # 8-channel tiles of those kernels stored side by side (1-16, default 4)
     [runtime]
     needs = "what the device must have"
 
@@ -36,9 +37,10 @@ from llamac.errors import InputError
 
 HERE = Path(__file__).parent
 ARCHES = ("x86_64", "aarch64", "wasm32")
+DOT_ISAS = {"avx2": "+avx2", "vnni": "+avx512vnni", "sdot": "+dotprod"}   # dot-product flavour -> LLVM feature
 # listing order of the built-in files (others follow alphabetically)
-DOT_ISAS = {"avx2": "+avx2", "sdot": "+dotprod"}   # dot-product flavour -> the LLVM feature it needs
-ORDER = ("x86_64", "x86_64-avx2", "x86_64-avx512", "arm64", "rpi4", "rpi5", "android-arm64", "webgpu")
+ORDER = ("x86_64", "x86_64-avx2", "x86_64-avx512", "x86_64-avx512-vnni", "arm64", "rpi4", "rpi5", "android-arm64",
+         "webgpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Target:
     cc_search: tuple[str, ...] = ()
     cc_package: str = ""
     lanes: int = 8
-    dot: str = ""                      # "avx2" | "sdot": q4/q8 layers run as int8 dot products (llamac.tvm_dot)
+    dot: str = ""                      # "avx2" | "vnni" | "sdot": q4/q8 layers run as int8 dot products (tvm_dot)
+    dot_tiles: int = 4                 # tiles of 8 channels side by side in those kernels' weights (one read stream)
     runtime_os: str = "linux"
     runtime_needs: str = ""
     source: str = ""                   # file it was read from
@@ -174,6 +177,9 @@ def _parse(path: Path) -> Target:
         raise InputError(f"{path}: build.dot must be one of {', '.join(DOT_ISAS)} (or omitted), got {dot!r}")
     if dot and DOT_ISAS[dot] not in mattr:
         raise InputError(f"{path}: build.dot = {dot!r} needs {DOT_ISAS[dot]!r} in llvm.mattr")
+    dot_tiles = build.get("dot_tiles", 4)
+    if type(dot_tiles) is not int or dot_tiles not in (1, 2, 4, 8, 16):
+        raise InputError(f"{path}: build.dot_tiles must be 1, 2, 4, 8 or 16, got {dot_tiles!r}")
     for key, val in (("llvm.mcpu", llvm.get("mcpu", "")), ("build.cc", build.get("cc", "")),
                      ("summary", data.get("summary", "")), ("runtime.needs", runtime.get("needs", ""))):
         if not isinstance(val, str):
@@ -181,7 +187,8 @@ def _parse(path: Path) -> Target:
     return Target(name=name, summary=data.get("summary", ""), arch=arch, mtriple=llvm["mtriple"],
                   mcpu=llvm.get("mcpu", ""), mattr=tuple(mattr), kind=data.get("kind", "llvm"),
                   status=data.get("status", "ready"), cc=build.get("cc") or None, cc_search=tuple(cc_search),
-                  cc_package=build.get("cc_package", ""), lanes=lanes, dot=dot, runtime_os=runtime.get("os", "linux"),
+                  cc_package=build.get("cc_package", ""), lanes=lanes, dot=dot, dot_tiles=dot_tiles,
+                  runtime_os=runtime.get("os", "linux"),
                   runtime_needs=runtime.get("needs", ""), source=str(path))
 
 
@@ -228,6 +235,8 @@ def host_target() -> str:
         # dotprod + fp16 (ARMv8.2-A, e.g. Cortex-A76/A78, Neoverse N1): rpi5's code (sdot kernels) runs there
         return "rpi5" if {"asimddp", "asimdhp"} <= _cpu_flags("Features") else "arm64"
     flags = _cpu_flags("flags")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        return "x86_64-avx512-vnni"
     if {"avx512f", "avx512bw", "avx512vl"} <= flags:
         return "x86_64-avx512"
     if {"avx2", "fma", "f16c"} <= flags:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llamac.errors import InputError
-from llamac.quantize import (SCHEMES, dequantize, get_scheme, pack, packed_shapes, pick_lanes, quantize,
+from llamac.quantize import (SCHEMES, dequantize, dot_lanes, get_scheme, pack, packed_shapes, pick_lanes, quantize,
                              relative_error, unpack)
 
 RNG = np.random.default_rng(0)
@@ -45,14 +45,17 @@ def test_pack_unpack_roundtrip(name, shape):
 
 
 @pytest.mark.parametrize("name", ["q8", "q4", "q4-g64-f32", "q8-g32"])
-@pytest.mark.parametrize("shape", [(64, 64), (172, 64), (100, 40), (96, 8)])
+@pytest.mark.parametrize("shape", [(64, 64), (172, 64), (100, 40), (96, 8), (64, 384)])
 def test_dot_layout_roundtrip(name, shape):
     s = get_scheme(name)
     k, n = shape
     qt = quantize(RNG.standard_normal(shape).astype(np.float32), s)
-    arrays = pack(qt, 8, "dot")
-    assert {key: (a.shape, str(a.dtype)) for key, a in arrays.items()} == packed_shapes(s, k, n, 8, "dot")
-    assert np.array_equal(dequantize(unpack(arrays, s, k, n, "dot")), dequantize(qt))
+    for tiles in (1, 4, 16):
+        lanes = dot_lanes(n, tiles)
+        assert lanes <= 8 * tiles and (n // 8) % (lanes // 8) == 0
+        arrays = pack(qt, lanes, "dot")
+        assert {key: (a.shape, str(a.dtype)) for key, a in arrays.items()} == packed_shapes(s, k, n, lanes, "dot")
+        assert np.array_equal(dequantize(unpack(arrays, s, k, n, "dot")), dequantize(qt))
 
 
 def test_q4_bytes_per_param():
@@ -272,6 +275,12 @@ def test_kv_write_is_in_place_and_local(build):
 # ---------------------------------------------------------------- int8 dot-product kernels (activations quantized)
 
 AVX2 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "mattr": ["+avx2", "+fma", "+f16c"]}
+VNNI = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake",
+        "mattr": ["+avx2", "+avx512f", "+avx512bw", "+avx512dq", "+avx512vl", "+avx512vnni", "+fma", "+f16c"]}
+# (instruction set, tiles side by side): AVX2's with the x86_64-avx2 layout (4), VNNI's with x86_64-avx512-vnni's (16);
+# AVX2's with x86_64-avx512's (16) on fewer shapes (the same code as the first, another layout)
+DOT_KINDS = [("avx2", 4), ("vnni", 16)]
+DOT_SHAPES = [(172, 64, 1), (64, 48, 5), (256, 96, 9), (100, 8, 3), (64, 256, 1), (96, 128, 2), (64, 512, 3)]
 
 
 def q8_activations(x: np.ndarray) -> np.ndarray:
@@ -288,35 +297,57 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
     return (q * d).reshape(s, kp)[:, :k]
 
 
-@pytest.fixture(scope="module")
-def build_avx2():
+def _build_for(target_dict: dict, func):
     import tvm
 
     from llamac import tvm_build
 
-    target = tvm.target.Target(AVX2)
+    target = tvm.target.Target(target_dict)
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    with target:
+        return tvm.compile(mod, target=target), tvm_build, tvm
 
+
+@pytest.fixture(scope="module")
+def build_avx2():
     def _build(func):
-        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-        with target:
-            return tvm_build.load(tvm.compile(mod, target=target))["main"], tvm
+        lib, tvm_build, tvm = _build_for(AVX2, func)
+        return tvm_build.load(lib)["main"], tvm
     return _build
 
 
+def build_dot(isa: str):
+    """A builder for the kernels of one dot-product instruction set; VNNI kernels run only on a CPU that has it (the
+    test that they are made of vpdpbusd instructions runs everywhere)."""
+    from llamac.runtime.tvm_backend import missing_cpu_features
+
+    target = VNNI if isa == "vnni" else AVX2
+    missing = missing_cpu_features(target["mattr"], "x86_64")
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)} to run {isa} kernels")
+
+    def _build(func):
+        lib, tvm_build, tvm = _build_for(target, func)
+        return tvm_build.load(lib)["main"], tvm
+    return _build
+
+
+@pytest.mark.parametrize("isa,tiles,k,n,rows", [kind + shape for kind in DOT_KINDS for shape in DOT_SHAPES]
+                         + [("avx2", 16) + shape for shape in DOT_SHAPES[-3:]])
 @pytest.mark.parametrize("name", ["q8", "q4", "q4-g64-f32", "q8-g32"])
-@pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 48, 5), (256, 96, 9), (100, 8, 3), (64, 256, 1), (96, 128, 2)])
-def test_dot_kernel_is_int8_activations_times_dequantized_weights(build_avx2, name, k, n, rows):
+def test_dot_kernel_is_int8_activations_times_dequantized_weights(isa, tiles, name, k, n, rows):
     from llamac import tvm_dot
 
     s = get_scheme(name)
     w = RNG.standard_normal((k, n)).astype(np.float32)
     qt = quantize(w, s)
-    arrays = pack(qt, 8, "dot")
+    lanes = dot_lanes(n, tiles)
+    arrays = pack(qt, lanes, "dot")
     x = RNG.standard_normal((1, rows, k)).astype(np.float32)
     x[0, 0, :5] = 0                                     # an all-zero block must not divide by zero
     if k >= 64:
         x[0, -1, 32:64] = 0
-    f, tvm = build_avx2(tvm_dot.linear(s, k, n, "avx2"))
+    f, tvm = build_dot(isa)(tvm_dot.linear(s, k, n, isa, lanes))
     y = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
     f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"]), y)
     deq = dequantize(qt).astype(np.float64)
@@ -327,6 +358,20 @@ def test_dot_kernel_is_int8_activations_times_dequantized_weights(build_avx2, na
     # whatever the draw (a bound against x @ w would measure the q4 weight error, which some draws push past 20 %)
     exact = x[0].astype(np.float64) @ deq
     assert np.abs(y.numpy()[0] - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("name", ["q4", "q8"])
+def test_vnni_kernels_are_vpdpbusd(name):
+    """Compiled for AVX-512 VNNI, the dot kernel's products are vpdpbusd (four byte products summed into each int32
+    lane); for AVX2, vpmaddubsw. Read from the generated assembly, so this runs on any x86 host."""
+    from llamac import tvm_dot
+
+    asm = {}
+    for isa, target in (("vnni", VNNI), ("avx2", AVX2)):
+        lib, _, _ = _build_for(target, tvm_dot.linear(get_scheme(name), 256, 512, isa, 128))
+        asm[isa] = lib.mod.inspect_source("asm")
+    assert "vpdpbusd" in asm["vnni"] and "vpmaddubsw" not in asm["vnni"]
+    assert "vpmaddubsw" in asm["avx2"] and "vpdpbusd" not in asm["avx2"]
 
 
 @pytest.mark.parametrize("kernel,name", [("dense", "f16"), ("lanes", "q4"), ("dot", "q8"), ("dot", "q4")])
@@ -340,7 +385,7 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
     k, n = 64, 4096     # decode: enough tasks for chunks of several
     qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
     if kernel == "dot":
-        arrays, func = pack(qt, 8, "dot"), tvm_dot.linear(s, k, n, "avx2")
+        arrays, func = pack(qt, 32, "dot"), tvm_dot.linear(s, k, n, "avx2", 32)
         ref = q8_activations
     else:
         arrays, func = pack(qt, 16), tvm_kernels.linear(s, k, n, 16)
@@ -354,10 +399,10 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
     assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("isa,tiles", DOT_KINDS + [("avx2", 16)])
 @pytest.mark.parametrize("name", ["q4", "q8"])
-@pytest.mark.parametrize("ns", [(1024, 256, 256), (704, 704)])
-@pytest.mark.parametrize("rows", [1, 7])
-def test_linear_group_kernel_is_one_linear_per_weight(build_avx2, name, ns, rows):
+@pytest.mark.parametrize("ns,rows", [((1024, 256, 256), 1), ((704, 704), 7)])
+def test_linear_group_kernel_is_one_linear_per_weight(isa, tiles, name, ns, rows):
     """Sibling linear layers (q, k, v; gate, up) in one kernel: each output is x @ W_i with the int8 activations, every
     tile written once (outputs start as NaN), on 3 threads."""
     from llamac import tvm_dot
@@ -365,9 +410,10 @@ def test_linear_group_kernel_is_one_linear_per_weight(build_avx2, name, ns, rows
     s = get_scheme(name)
     k = 96
     qts = [quantize(RNG.standard_normal((k, n)).astype(np.float32), s) for n in ns]
-    arrays = [pack(qt, 8, "dot") for qt in qts]
+    lanes = tuple(dot_lanes(n, tiles) for n in ns)
+    arrays = [pack(qt, ln, "dot") for qt, ln in zip(qts, lanes)]
     x = RNG.standard_normal((1, rows, k)).astype(np.float32)
-    f, tvm = build_avx2(tvm_dot.linear_group(s, k, ns, "avx2"))
+    f, tvm = build_dot(isa)(tvm_dot.linear_group(s, k, ns, isa, lanes))
     ys = [tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32)) for n in ns]
     weights = [tvm.runtime.tensor(a[key]) for a in arrays for key in ("q", "scale")]
     _on_threads(tvm, 3, lambda: f(tvm.runtime.tensor(x), *weights, *ys))
@@ -392,16 +438,17 @@ def test_kernels_see_the_thread_pool_size(build_avx2, threads):
     assert out.numpy()[0] == threads
 
 
+@pytest.mark.parametrize("lanes", [8, 32, 128])
 @pytest.mark.parametrize("name", ["q8", "q4"])
-def test_dot_embedding_kernel_is_numpy_dequantization(build_avx2, name):
+def test_dot_embedding_kernel_is_numpy_dequantization(build_avx2, name, lanes):
     from llamac import tvm_dot
 
     s = get_scheme(name)
-    k, n = 72, 64
+    k, n = 72, 256
     qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
-    arrays = pack(qt, 8, "dot")
-    ids = np.array([[0, 63, 5, 5, 30]], np.int64)
-    f, tvm = build_avx2(tvm_dot.embedding(s, k, n))
+    arrays = pack(qt, lanes, "dot")
+    ids = np.array([[0, 255, 5, 5, 130]], np.int64)
+    f, tvm = build_avx2(tvm_dot.embedding(s, k, n, lanes))
     out = tvm.runtime.tensor(np.zeros((1, 5, k), np.float32))
     f(tvm.runtime.tensor(ids), tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"]), out)
     assert np.array_equal(out.numpy()[0], dequantize(qt).T[ids[0]])

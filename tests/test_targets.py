@@ -6,7 +6,8 @@ import pytest
 from llamac.errors import InputError
 from llamac.targets import list_targets, load_target
 
-BUILTIN = {"x86_64", "x86_64-avx2", "x86_64-avx512", "arm64", "rpi4", "rpi5", "android-arm64", "webgpu"}
+BUILTIN = {"x86_64", "x86_64-avx2", "x86_64-avx512", "x86_64-avx512-vnni", "arm64", "rpi4", "rpi5", "android-arm64",
+           "webgpu"}
 
 
 def test_builtin_targets_are_complete():
@@ -19,6 +20,9 @@ def test_builtin_targets_are_complete():
     assert targets["rpi5"].mcpu == "cortex-a76" and "+dotprod" in targets["rpi5"].mattr
     assert targets["arm64"].cc == "aarch64-linux-gnu-g++" and targets["arm64"].arch == "aarch64"
     assert targets["x86_64-avx512"].arch == "x86_64" and "+avx512f" in targets["x86_64-avx512"].mattr
+    assert targets["x86_64-avx512-vnni"].dot == "vnni" and "+avx512vnni" in targets["x86_64-avx512-vnni"].mattr
+    # 16 tiles of sums fit AVX-512's 32 vector registers, not AVX2's 16
+    assert (targets["x86_64-avx2"].dot_tiles, targets["x86_64-avx512"].dot_tiles) == (4, 16)
     assert targets["webgpu"].kind == "webgpu" and targets["webgpu"].arch == "wasm32"
 
 
@@ -51,7 +55,10 @@ def test_user_target_file(tmp_path):
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = "+neon"\n', "mattr"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["neon"]\n', "mattr"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\nlanes = 3\n', "lanes"),
-    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ndot = "vnni"\n', "build.dot must be one of"),
+    ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\n[build]\ndot = "vpdp"\n', "build.dot must be one of"),
+    ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\nmattr = ["+avx2"]\n[build]\ndot = "vnni"\n', "avx512vnni"),
+    ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\ndot_tiles = 3\n', "dot_tiles must be"),
+    ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\ndot_tiles = 32\n', "dot_tiles must be"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["+neon"]\n[build]\ndot = "sdot"\n', "dotprod"),
 ])
 def test_malformed_target_files(tmp_path, text, match):
@@ -118,6 +125,7 @@ def test_planned_target_is_refused(tmp_path):
 @pytest.mark.parametrize("machine,cpuinfo,expected", [
     ("x86_64", "flags\t\t: fpu sse4_2 avx avx2 fma f16c\n", "x86_64-avx2"),
     ("x86_64", "flags\t\t: fpu sse4_2 avx2 fma f16c avx512f avx512bw avx512vl\n", "x86_64-avx512"),
+    ("x86_64", "flags\t\t: fpu sse4_2 avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni\n", "x86_64-avx512-vnni"),
     ("x86_64", "flags\t\t: fpu sse4_2\n", "x86_64"),
     ("aarch64", "Features\t: fp asimd evtstrm crc32 fphp asimdhp asimddp\n", "rpi5"),     # Cortex-A76 (Pi 5)
     ("aarch64", "Features\t: fp asimd evtstrm crc32 cpuid\n", "arm64"),                    # Cortex-A72 (Pi 4)
