@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--llamac-target", default="native",
-                    help="llamac target to compile for; 'native' picks x86_64-avx512/-avx2 from this CPU's flags")
+                    help="llamac target to compile for; 'native': llamac compile's choice for this CPU")
     ap.add_argument("--only", default=None, help="comma-separated peers, e.g. 'llama.cpp,llamac'")
     ap.add_argument("--no-prepare", action="store_true", help="measure what is ready; build nothing")
     ap.add_argument("--no-cli-check", action="store_true", help="skip the `llamac bench` cross-check")

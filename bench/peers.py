@@ -245,14 +245,10 @@ def _stale(built: Path) -> bool:
 
 
 def native_target() -> str:
-    """llamac's built-in x86 target for this CPU (what `--llamac-target native` means): llama.cpp is built native."""
-    try:
-        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return "x86_64"
-    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        return "x86_64-avx512"
-    return "x86_64-avx2" if {"avx2", "fma", "f16c"} <= flags else "x86_64"
+    """llamac's best built-in target for this CPU (what `--llamac-target native` means): llama.cpp is built native."""
+    from llamac.targets import host_target
+
+    return host_target()
 
 
 def llamac_dir(shape: str, target: str) -> Path:
