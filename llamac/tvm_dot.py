@@ -77,6 +77,12 @@ def _vpdpbusd(acc, u8, i8):
                                    dtype="int32x8")
 
 
+def _vpdpbusd512(acc, u8, i8):
+    """The 512-bit form: two 8-channel tiles at once."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc, u8, i8,
+                                   dtype="int32x16")
+
+
 def _sdot(acc, a, b):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc, a, b,
                                    dtype="int32x4")
@@ -103,6 +109,8 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
     wdtype = "uint8" if q4 else "int8"
     sdt = scheme.scale_dtype
     avx2, vnni = isa == "avx2", isa == "vnni"
+    # VNNI q4 decode takes two tiles (side by side in memory) per 512-bit instruction: fewer instructions, +2-3 %
+    wide = vnni and q4 and all(ln % 16 == 0 for ln in lanes)
     TBP = 4                              # prefill tile: 4 rows x NTP channel tiles
     # per weight: channel tiles, tiles stored side by side (w[tile // TI, col, tile % TI * 32 + byte]), tiles per
     # decode task and per prefill task, and the tasks of each weight, which follow those of the one before
@@ -142,7 +150,17 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
             for c in T.unroll(4 if q4 else 8):
                 for t in T.unroll(TB):
                     for b in T.unroll(NT):
-                        if q4:      # the codes are unsigned: vpdpbusd's u8 operand as they are
+                        if wide and TB == 1:
+                            if b % 2 == 0:      # tiles b and b + 1 at once: their rows of isum are adjacent
+                                isum[t, b, T.ramp(0, 1, 16)] = _vpdpbusd512(_vpdpbusd512(
+                                    isum[t, b, T.ramp(0, 1, 16)],
+                                    T.bitwise_and(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x64"),
+                                                  T.broadcast(T.uint8(15), 64)),
+                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 16)),
+                                    T.shift_right(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x64"),
+                                                  T.broadcast(T.uint8(4), 64)),
+                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 16))
+                        elif q4:      # the codes are unsigned: vpdpbusd's u8 operand as they are
                             isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(_vpdpbusd(
                                 isum[t, b, T.ramp(0, 1, 8)],
                                 T.bitwise_and(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
