@@ -71,16 +71,20 @@ def _psign(a, b):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), a, b, dtype="int8x32")
 
 
-def _vpdpbusd(acc, u8, i8):
-    """acc + the sums of four u8 x i8 products per int32 lane (AVX-512 VNNI, 256-bit form)."""
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), acc, u8, i8,
-                                   dtype="int32x8")
+def _vpdpbusd(acc, u8, i8, lanes: int = 8):
+    """acc + the sums of four u8 x i8 products per int32 lane (AVX-512 VNNI; 8 lanes: one tile, 16: two)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), acc, u8, i8,
+                                   dtype=f"int32x{lanes}")
 
 
-def _vpdpbusd512(acc, u8, i8):
-    """The 512-bit form: two 8-channel tiles at once."""
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc, u8, i8,
-                                   dtype="int32x16")
+def _q4_vpdpbusd(acc, w, tile, ti, col, xq32, row, word, lanes: int):
+    """acc + the products of one q4 weight column (both nibbles) of `lanes` / 8 tiles with activation words `word`
+    (low nibbles) and `word` + 1 (high ones); the codes are unsigned, vpdpbusd's u8 operand as they are."""
+    codes = _wload(w, tile, ti, col, 0, f"uint8x{4 * lanes}")
+    return _vpdpbusd(_vpdpbusd(acc, T.bitwise_and(codes, T.broadcast(T.uint8(15), 4 * lanes)),
+                               _xbcast(xq32, row, word, lanes), lanes),
+                     T.shift_right(codes, T.broadcast(T.uint8(4), 4 * lanes)), _xbcast(xq32, row, word + 1, lanes),
+                     lanes)
 
 
 def _sdot(acc, a, b):
@@ -143,75 +147,55 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
                 for b in T.unroll(NT):
                     isum[t, b, T.ramp(0, 1, 8)] = _pmaddwd(a16[t, b, T.ramp(0, 1, 16)],
                                                            T.broadcast(T.int16(1), 16))
-        elif vnni:      # int32 sums directly: no 16-bit step, no vpmaddwd
+        else:       # 32-bit sums
             for t in T.unroll(TB):
                 for b in T.unroll(NT):
                     isum[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
             for c in T.unroll(4 if q4 else 8):
                 for t in T.unroll(TB):
                     for b in T.unroll(NT):
-                        if wide and TB == 1:
+                        if vnni and wide and TB == 1:
                             if b % 2 == 0:      # tiles b and b + 1 at once: their rows of isum are adjacent
-                                isum[t, b, T.ramp(0, 1, 16)] = _vpdpbusd512(_vpdpbusd512(
-                                    isum[t, b, T.ramp(0, 1, 16)],
-                                    T.bitwise_and(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x64"),
-                                                  T.broadcast(T.uint8(15), 64)),
-                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 16)),
-                                    T.shift_right(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x64"),
-                                                  T.broadcast(T.uint8(4), 64)),
-                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 16))
-                        elif q4:      # the codes are unsigned: vpdpbusd's u8 operand as they are
-                            isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(_vpdpbusd(
-                                isum[t, b, T.ramp(0, 1, 8)],
-                                T.bitwise_and(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
-                                              T.broadcast(T.uint8(15), 32)),
-                                _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 8)),
-                                T.shift_right(_wload(w, nt * NT + b, TI, a * 4 + c, 0, "uint8x32"),
-                                              T.broadcast(T.uint8(4), 32)),
-                                _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 8))
-                        else:       # sign moved onto the weights, as for vpmaddubsw
-                            isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(
-                                isum[t, b, T.ramp(0, 1, 8)],
-                                _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
-                                       _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
-                                _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
-                                       _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)))
-        elif avx2:
-            for t in T.unroll(TB):
-                for b in T.unroll(NT):
-                    isum[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
-            for c in T.unroll(8):       # sign moved onto the weights: |x| (u8) * sign(x) w (i8), as vpmaddubsw needs
-                for t in T.unroll(TB):
-                    for b in T.unroll(NT):
-                        isum[t, b, T.ramp(0, 1, 8)] = isum[t, b, T.ramp(0, 1, 8)] + _pmaddwd(_pmaddubsw(
-                            _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
-                                   _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
-                            _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
-                                   _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8))), T.broadcast(T.int16(1), 16))
-        else:
-            for t in T.unroll(TB):
-                for b in T.unroll(NT):
-                    isum[t, b, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
-            for c in T.unroll(4 if q4 else 8):
-                for t in T.unroll(TB):
-                    for b in T.unroll(NT):
-                        for h in T.unroll(2):       # two 128-bit halves: channels 0-3, 4-7
-                            if q4:
-                                isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(_sdot(
-                                    isum[t, b, T.ramp(h * 4, 1, 4)],
-                                    T.reinterpret(T.bitwise_and(
-                                        _wload(w, nt * NT + b, TI, a * 4 + c, h * 16, "uint8x16"),
-                                        T.broadcast(T.uint8(15), 16)), dtype="int8x16"),
-                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 4)),
-                                    T.reinterpret(T.shift_right(
-                                        _wload(w, nt * NT + b, TI, a * 4 + c, h * 16, "uint8x16"),
-                                        T.broadcast(T.uint8(4), 16)), dtype="int8x16"),
-                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 4))
+                                isum[t, b, T.ramp(0, 1, 16)] = _q4_vpdpbusd(
+                                    isum[t, b, T.ramp(0, 1, 16)], w, nt * NT + b, TI, a * 4 + c, xq32,
+                                    T.min(r0 + t, S - 1), a * 8 + c * 2, 16)
+                        elif vnni and q4:
+                            isum[t, b, T.ramp(0, 1, 8)] = _q4_vpdpbusd(
+                                isum[t, b, T.ramp(0, 1, 8)], w, nt * NT + b, TI, a * 4 + c, xq32,
+                                T.min(r0 + t, S - 1), a * 8 + c * 2, 8)
+                        elif vnni or avx2:      # q8: sign moved onto the weights, |x| (u8) * sign(x) w (i8)
+                            if vnni:
+                                isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(
+                                    isum[t, b, T.ramp(0, 1, 8)],
+                                    _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
+                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
+                                    _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
+                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)))
                             else:
-                                isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(
-                                    isum[t, b, T.ramp(h * 4, 1, 4)],
-                                    _wload(w, nt * NT + b, TI, a * 8 + c, h * 16, "int8x16"),
-                                    _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 4))
+                                isum[t, b, T.ramp(0, 1, 8)] = isum[t, b, T.ramp(0, 1, 8)] + _pmaddwd(_pmaddubsw(
+                                    _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
+                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
+                                    _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
+                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8))),
+                                    T.broadcast(T.int16(1), 16))
+                        else:
+                            for h in T.unroll(2):       # sdot: two 128-bit halves, channels 0-3, 4-7
+                                if q4:
+                                    isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(_sdot(
+                                        isum[t, b, T.ramp(h * 4, 1, 4)],
+                                        T.reinterpret(T.bitwise_and(
+                                            _wload(w, nt * NT + b, TI, a * 4 + c, h * 16, "uint8x16"),
+                                            T.broadcast(T.uint8(15), 16)), dtype="int8x16"),
+                                        _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2, 4)),
+                                        T.reinterpret(T.shift_right(
+                                            _wload(w, nt * NT + b, TI, a * 4 + c, h * 16, "uint8x16"),
+                                            T.broadcast(T.uint8(4), 16)), dtype="int8x16"),
+                                        _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c * 2 + 1, 4))
+                                else:
+                                    isum[t, b, T.ramp(h * 4, 1, 4)] = _sdot(
+                                        isum[t, b, T.ramp(h * 4, 1, 4)],
+                                        _wload(w, nt * NT + b, TI, a * 8 + c, h * 16, "int8x16"),
+                                        _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 4))
 
     @T.macro
     def tile(w, sc, xq32, dx, xs8, y, nt, r0, S, TB, NT, TI):
