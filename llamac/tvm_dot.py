@@ -87,6 +87,13 @@ def _q4_vpdpbusd(acc, w, tile, ti, col, xq32, row, word, lanes: int):
                      lanes)
 
 
+def _q8_signed(w, tile, ti, col, xq32, row, word):
+    """One q8 weight column and activation word as the x86 byte products need them: the sign moved onto the
+    weights, |x| (u8) and sign(x) * w (i8)."""
+    x = _xbcast(xq32, row, word, 8)
+    return _psign(x, x), _psign(_wload(w, tile, ti, col, 0, "int8x32"), x)
+
+
 def _sdot(acc, a, b):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc, a, b,
                                    dtype="int32x4")
@@ -154,7 +161,7 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
             for c in T.unroll(4 if q4 else 8):
                 for t in T.unroll(TB):
                     for b in T.unroll(NT):
-                        if vnni and wide and TB == 1:
+                        if wide and TB == 1:
                             if b % 2 == 0:      # tiles b and b + 1 at once: their rows of isum are adjacent
                                 isum[t, b, T.ramp(0, 1, 16)] = _q4_vpdpbusd(
                                     isum[t, b, T.ramp(0, 1, 16)], w, nt * NT + b, TI, a * 4 + c, xq32,
@@ -163,21 +170,13 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
                             isum[t, b, T.ramp(0, 1, 8)] = _q4_vpdpbusd(
                                 isum[t, b, T.ramp(0, 1, 8)], w, nt * NT + b, TI, a * 4 + c, xq32,
                                 T.min(r0 + t, S - 1), a * 8 + c * 2, 8)
-                        elif vnni or avx2:      # q8: sign moved onto the weights, |x| (u8) * sign(x) w (i8)
-                            if vnni:
-                                isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(
-                                    isum[t, b, T.ramp(0, 1, 8)],
-                                    _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
-                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
-                                    _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
-                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)))
-                            else:
-                                isum[t, b, T.ramp(0, 1, 8)] = isum[t, b, T.ramp(0, 1, 8)] + _pmaddwd(_pmaddubsw(
-                                    _psign(_xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8),
-                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8)),
-                                    _psign(_wload(w, nt * NT + b, TI, a * 8 + c, 0, "int8x32"),
-                                           _xbcast(xq32, T.min(r0 + t, S - 1), a * 8 + c, 8))),
-                                    T.broadcast(T.int16(1), 16))
+                        elif vnni:
+                            isum[t, b, T.ramp(0, 1, 8)] = _vpdpbusd(isum[t, b, T.ramp(0, 1, 8)], *_q8_signed(
+                                w, nt * NT + b, TI, a * 8 + c, xq32, T.min(r0 + t, S - 1), a * 8 + c))
+                        elif avx2:
+                            isum[t, b, T.ramp(0, 1, 8)] = isum[t, b, T.ramp(0, 1, 8)] + _pmaddwd(_pmaddubsw(
+                                *_q8_signed(w, nt * NT + b, TI, a * 8 + c, xq32, T.min(r0 + t, S - 1), a * 8 + c)),
+                                T.broadcast(T.int16(1), 16))
                         else:
                             for h in T.unroll(2):       # sdot: two 128-bit halves, channels 0-3, 4-7
                                 if q4:
