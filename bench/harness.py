@@ -303,7 +303,7 @@ def measured_run(w: Worker, timeout: float, idle: list[Worker]) -> dict:
 
 
 def llamac_bench_cli(art: Path, threads: int, p: int, n: int) -> dict | str:
-    """`llamac bench ... --json` as a cross-check (its tg decodes after the prompt, so it is not the same number)."""
+    """`llamac bench ... --json` as a cross-check of the rounds: the same method, run alone after them."""
     cmd = [str(REPO / ".venv" / "bin" / "llamac"), "bench", str(art), "-p", str(p), "-n", str(n), "-r", "5",
            "--threads", str(threads), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)

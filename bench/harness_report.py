@@ -131,8 +131,8 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
     cli = res.get("llamac_bench_cli")
     if cli:
         lines += ["## Cross-check: `llamac bench ART -p 512 -n 128 -r 5 --threads 2 --json`", "",
-                  "Run after the rounds, alone. Its tg decodes after the prompt (positions 512-639), so it reads a "
-                  "longer KV cache than the harness's tg from an empty cache.", "",
+                  "Run after the rounds, alone, by the CLI's own method: the harness's (llama-bench's) pp and tg, "
+                  "each from an empty cache, best and median of its 5 runs.", "",
                   "| scheme | pp best | pp median | tg best | tg median | load before → after | |", "|---|---|---|---|---|---|---|"]
         for q, r in cli.items():
             if isinstance(r, dict):

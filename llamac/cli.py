@@ -234,7 +234,10 @@ def serve(art: Path, port: int, host: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_cmd(art: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: int | None,
               as_json: bool) -> None:
-    """Measure prefill (pp) and decode (tg) speed like llama-bench."""
+    """Measure prefill (pp) and decode (tg) speed like llama-bench.
+
+    pp: one prompt of -p tokens from an empty cache; tg: -n tokens decoded one at a time from an empty cache, each
+    fed the argmax of the last logits. Best and median of -r runs, after a warm-up."""
     import json
 
     from llamac.bench import bench

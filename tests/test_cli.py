@@ -37,6 +37,20 @@ def test_bench_json(export_dir):
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["repetitions"] == 2
 
 
+def test_bench_pp_and_tg_each_start_from_an_empty_cache(export_dir):
+    # llama-bench's method: tg does not follow the prompt, so -p and -n may each take the whole context
+    ctx = json.loads((export_dir / "config.json").read_text())["max_position_embeddings"]
+    r = cli("bench", export_dir, "-p", ctx, "-n", ctx, "-r", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prompt_tokens"] == ctx and res["gen_tokens"] == ctx and res["decode_tok_s"] > 0
+    for flag in ("-p", "-n"):
+        args = {"-p": 4, "-n": 2, flag: ctx + 1}
+        r = cli("bench", export_dir, "-p", args["-p"], "-n", args["-n"], "-r", 1)
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {flag} {ctx + 1} exceeds the artifact's context " \
+            f"of {ctx} tokens", r.stderr
+
+
 def test_a_prompt_that_is_not_utf8_is_one_line_and_exit_2(export_dir):
     # the shell hands Python the raw bytes; Python keeps the invalid one as a lone surrogate
     r = subprocess.run([sys.executable.encode(), b"-m", b"llamac", b"run", str(export_dir).encode(), b"-p", b"abc\xff",
