@@ -52,7 +52,7 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
             imports = {"main": tvm_import.import_onnx(model, cfg), "decode": tvm_import.import_onnx(model, cfg, 1)}
         with stage(f"rewrite: KV cache of {capacity} in place, {scheme.name} kernels"):
             plan = tvm_rewrite.rewrite(imports, cfg, capacity, scheme, tgt.lanes, quantize_embeddings, tgt.dot,
-                                          tgt.dot_tiles)
+                                       tgt.dot_tiles, tgt.float_panels)
         with stage(f"build for {tgt.name} ({tgt.mtriple})"):
             from llamac import tvm_build
             tvm_build.build(plan.mod, tgt.tvm_target(), _vector_lanes(tgt), tmp / artifact.LIBRARY_FILE, cc)

@@ -7,8 +7,9 @@ The math of every kernel is the numpy math of `llamac.quantize.dequantize` (w = 
 order of additions differs, so the artifact computes what `llamac inspect --dequantize` writes.
 
 - `linear`: y[1, S, N] = x[1, S, K] @ W, W in the packed layout of `quantize.pack`; dequantization happens in registers
-  inside the loop (no f32 weight copy exists). One row (decode) reads several weight panels at once (one DRAM
-  stream per panel); more rows (prefill) run in tiles of ROWS / FLOAT_ROWS rows that reuse each weight vector.
+  inside the loop (no f32 weight copy exists). One row (decode) reads whole weight panels (one DRAM stream per
+  panel; float panels may be several vectors wide, the target's `float_panels`); more rows (prefill) run in tiles of
+  ROWS / FLOAT_ROWS rows x one vector width that reuse each weight vector.
 - `embedding`: rows of the same packed weights, gathered by token id (tied embeddings share the lm_head weights).
 - `kv_write`: writes the new K or V rows into the fixed-capacity cache, in place (Relax call_tir_inplace).
 - `attn_scores` / `attn_values`: q.K^T and P.V reading only the valid prefix [0, total) of the cache, and per
@@ -87,67 +88,74 @@ def tile_scope(rows: int) -> str:
     return "global" if rows == 1 else "local"
 
 
-def linear(scheme: Scheme, k: int, n: int, lanes: int):
+def linear(scheme: Scheme, k: int, n: int, lanes: int, tile_lanes: int | None = None):
+    """Kernel for weights in the "lanes" layout, `lanes` output channels side by side; `tile_lanes` (the target's
+    lanes, default `lanes`): the width of the float kernels' prefill tiles, which must fit the vector registers."""
+    tl = min(tile_lanes or lanes, lanes)
     if scheme.kind == "float":
-        return _linear_dense(k, n, lanes, scheme.weight_dtype, None, k)
+        return _linear_dense(k, n, lanes, tl, scheme.weight_dtype, None, k)
     if scheme.bits == 8:
-        return _linear_dense(k, n, lanes, "int8", scheme.scale_dtype, scheme.group_size or k)
+        return _linear_dense(k, n, lanes, tl, "int8", scheme.scale_dtype, scheme.group_size or k)
     return _linear_q4(k, n, lanes, scheme.scale_dtype, scheme.group_size)
 
 
-def _linear_dense(K: int, N: int, L: int, wdtype: str, sdtype: str | None, GS: int):
-    """f32 / f16 / int8 weights [N/L, K, L]; int8 has scales [N/L, G, L] applied once per group."""
+def _linear_dense(K: int, N: int, L: int, TL: int, wdtype: str, sdtype: str | None, GS: int):
+    """f32 / f16 / int8 weights [N/L, K, L]; int8 has scales [N/L, G, L] applied once per group. A panel of L
+    channels is one read stream; prefill works through it TL lanes at a time (a multiple of TL)."""
     NB = N // L
     G = -(-K // GS)
     scaled = sdtype is not None
-    DG = next(d for d in ((4, 2, 1) if not scaled else (2, 1)) if NB % d == 0)   # panels per decode task
+    # panels per decode task: up to 4 x TL channels (2 x for int8), so a core has that many loads in flight
+    DG = next(d for d in ((4, 2, 1) if not scaled else (2, 1)) if NB % d == 0 and d * L <= 4 * TL)
     sdt = sdtype or "float32"
     TB = ROWS if scaled else FLOAT_ROWS
     sshape = (NB, G, L) if scaled else (1, 1, 1)     # float weights: an unused placeholder scale
 
     @T.macro
-    def tile(x, w, sc, y, nb0, r0, S, TB, NP):
-        """TB rows x NP weight panels. Prefill: 6 rows share each weight vector (12 accumulators). Decode: one row,
-        NP panels at once, so that a core has NP weight streams in flight (one stream cannot keep enough DRAM reads
-        outstanding); NP x L/8 accumulator chains also hide the FMA latency."""
-        acc = T.alloc_buffer((TB, NP, L), "float32", scope=tile_scope(TB))
-        gacc = T.alloc_buffer((TB, NP, L), "float32", scope=tile_scope(TB))
+    def tile(x, w, sc, y, nb0, l0, r0, S, TB, NP, LW):
+        """TB rows x NP weight panels, lanes l0 .. l0 + LW of each. Prefill: 6 rows share each weight vector (12
+        accumulators). Decode: one row, NP whole panels at once, so that a core has NP x L channels' loads in flight
+        (one narrow stream cannot keep enough DRAM reads outstanding); NP x L/8 accumulator chains also hide the
+        FMA latency."""
+        acc = T.alloc_buffer((TB, NP, LW), "float32", scope=tile_scope(TB))
+        gacc = T.alloc_buffer((TB, NP, LW), "float32", scope=tile_scope(TB))
         for t in T.unroll(TB):
             for p in T.unroll(NP):
-                for l in T.vectorized(L):
+                for l in T.vectorized(LW):
                     acc[t, p, l] = T.float32(0)
         for g in range(G):
             for t in T.unroll(TB):
                 for p in T.unroll(NP):
-                    for l in T.vectorized(L):
+                    for l in T.vectorized(LW):
                         gacc[t, p, l] = T.float32(0)
             for kk in range(T.min(GS, K - g * GS)):
                 for t in T.unroll(TB):
                     for p in T.unroll(NP):
-                        for l in T.vectorized(L):
+                        for l in T.vectorized(LW):
                             gacc[t, p, l] = gacc[t, p, l] + x[T.min(r0 + t, S - 1), g * GS + kk] * T.Cast(
-                                "float32", w[nb0 + p, g * GS + kk, l])
+                                "float32", w[nb0 + p, g * GS + kk, l0 + l])
             for t in T.unroll(TB):
                 for p in T.unroll(NP):
-                    for l in T.vectorized(L):
+                    for l in T.vectorized(LW):
                         if scaled:
-                            acc[t, p, l] = acc[t, p, l] + gacc[t, p, l] * T.Cast("float32", sc[nb0 + p, g, l])
+                            acc[t, p, l] = acc[t, p, l] + gacc[t, p, l] * T.Cast("float32", sc[nb0 + p, g, l0 + l])
                         else:
                             acc[t, p, l] = acc[t, p, l] + gacc[t, p, l]
         for t in T.unroll(TB):
             if r0 + t < S:
                 for p in T.unroll(NP):
-                    for l in T.vectorized(L):
-                        y[r0 + t, (nb0 + p) * L + l] = acc[t, p, l]
+                    for l in T.vectorized(LW):
+                        y[r0 + t, (nb0 + p) * L + l0 + l] = acc[t, p, l]
 
     @T.macro(hygienic=False)
-    def panel(nb, TB=TB, tile=tile):    # prefill: every row of weight panel nb, TB rows at a time
-        for sb in range((S + TB - 1) // TB):
-            tile(x, w, sc, y, nb, sb * TB, S, TB, 1)
+    def panel(nb, TB=TB, TL=TL, tile=tile):    # prefill: every row of weight panel nb, TB rows x TL lanes at a time
+        for sub in range(L // TL):
+            for sb in range((S + TB - 1) // TB):
+                tile(x, w, sc, y, nb, sub * TL, sb * TB, S, TB, 1, TL)
 
     @T.macro(hygienic=False)
     def panels(nbo, DG=DG, tile=tile):   # decode: weight panels nbo * DG .., the one row
-        tile(x, w, sc, y, nbo * DG, T.int64(0), S, 1, DG)
+        tile(x, w, sc, y, nbo * DG, 0, T.int64(0), S, 1, DG, L)
 
     @T.prim_func(private=True)
     def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),

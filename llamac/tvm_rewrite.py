@@ -67,9 +67,10 @@ def _call_op(expr, name: str) -> bool:
 
 
 def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes: int,
-                 dot: str = "", dot_tiles: int = 4) -> tuple[dict, list]:
+                 dot: str = "", dot_tiles: int = 4, float_panels: int = 1) -> tuple[dict, list]:
     """Decide per weight parameter: packed linear/embedding weight (in the dot layout where the target has byte dot
-    products and the shape allows, up to `dot_tiles` tiles side by side), or stored as is."""
+    products and the shape allows, up to `dot_tiles` tiles side by side; float weights up to `float_panels` x
+    `lanes` channels side by side), or stored as is."""
     func = imported.mod["main"]
     by_var = {p: n for n, p in zip(imported.param_names, func.params)}
     uses: dict[str, set] = {}
@@ -109,7 +110,7 @@ def plan_weights(imported: Imported, scheme: Scheme, embed_scheme: Scheme, lanes
             ln = dot_lanes(n, dot_tiles)
             packed[name] = PackedWeight(name, k, n, ln, sch, transpose, packed_shapes(sch, k, n, ln, "dot"), "dot")
             continue
-        ln = pick_lanes(n, lanes)
+        ln = pick_lanes(n, lanes * float_panels if sch.kind == "float" else lanes)
         packed[name] = PackedWeight(name, k, n, ln, sch, transpose, packed_shapes(sch, k, n, ln))
     return packed, plain
 
@@ -137,17 +138,17 @@ def _var_args(value) -> list:
 
 
 def rewrite(imports: dict[str, Imported], cfg: ModelConfig, capacity: int, scheme: Scheme, lanes: int,
-            quantize_embeddings: bool = True, dot: str = "", dot_tiles: int = 4) -> StepPlan:
+            quantize_embeddings: bool = True, dot: str = "", dot_tiles: int = 4, float_panels: int = 1) -> StepPlan:
     """One step function per import, e.g. {"main": any seq length, "decode": seq fixed to 1}; they share kernels,
     weights (same parameter order) and caches. A static seq makes the decode step's VM program much shorter."""
     embed_scheme = scheme if quantize_embeddings else SCHEMES["f32"]
     first = next(iter(imports.values()))
-    packed, plain = plan_weights(first, scheme, embed_scheme, lanes, dot, dot_tiles)
+    packed, plain = plan_weights(first, scheme, embed_scheme, lanes, dot, dot_tiles, float_panels)
     isa = dot
     mod, kernels, params, sliced = None, {}, [], True
     for fname, imported in imports.items():
         new_params, caches, weight_vars, params = _signature(imported, cfg, capacity, packed, plain)
-        mutator = _StepRewriter(imported, cfg, capacity, packed, weight_vars, caches, mod, kernels, isa)
+        mutator = _StepRewriter(imported, cfg, capacity, packed, weight_vars, caches, mod, kernels, isa, lanes)
         body = mutator.rewrite_body(imported.mod["main"])
         mutator.check_complete()
         sliced = sliced and mutator.sliced_logits
@@ -191,9 +192,10 @@ def _signature(imported: Imported, cfg: ModelConfig, capacity: int, packed: dict
 @relax.expr_functor.mutator
 class _StepRewriter(relax.PyExprMutator):
     def __init__(self, imported: Imported, cfg: ModelConfig, capacity: int, packed: dict, weight_vars: dict,
-                 caches: dict, base: tvm.IRModule | None, kernels: dict, isa: str = ""):
+                 caches: dict, base: tvm.IRModule | None, kernels: dict, isa: str = "", lanes: int = 8):
         super().__init__(base if base is not None else imported.mod)
         self.isa = isa                 # byte dot-product instructions of the target, for "dot" layout weights
+        self.lanes = lanes             # the target's vector tile width (float prefill tiles)
         self.cfg, self.capacity = cfg, capacity
         self.seq, self.total = imported.seq, imported.total
         self.packed, self.weight_vars, self.caches = packed, weight_vars, caches
@@ -544,8 +546,8 @@ class _StepRewriter(relax.PyExprMutator):
             gv = self._kernel(("linear-dot", pw.scheme.name, pw.k, pw.n, pw.lanes),
                               lambda: tvm_dot.linear(pw.scheme, pw.k, pw.n, self.isa, pw.lanes))
         else:
-            gv = self._kernel(("linear", pw.scheme.name, pw.k, pw.n, pw.lanes),
-                              lambda: tvm_kernels.linear(pw.scheme, pw.k, pw.n, pw.lanes))
+            gv = self._kernel(("linear", pw.scheme.name, pw.k, pw.n, pw.lanes, self.lanes),
+                              lambda: tvm_kernels.linear(pw.scheme, pw.k, pw.n, pw.lanes, self.lanes))
         x3 = x if len(xshape) == 3 and _equal(xshape[0], 1) else self._emit(
             relax.op.reshape(x, [1, _prod(xshape[:-1]), pw.k]))
         rows = list(x3.ty.shape.values)[1]

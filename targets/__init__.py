@@ -16,6 +16,7 @@ shared library (a cross compiler for ARM), the kernel tile width (`lanes`) and w
     lanes = 8                         # output channels per SIMD tile in the linear kernels
     dot = "sdot"                      # byte dot products for q4/q8 (int8 kernels): "avx2" | "vnni" | "sdot"; omit
     dot_tiles = 4                     # 8-channel tiles of those kernels stored side by side (1-16, default 4)
+    float_panels = 4                  # f32/f16 weights: `lanes`-wide panels side by side (1-8, default 1)
     [runtime]
     needs = "what the device must have"
 
@@ -59,6 +60,7 @@ class Target:
     lanes: int = 8
     dot: str = ""                      # "avx2" | "vnni" | "sdot": q4/q8 layers run as int8 dot products (tvm_dot)
     dot_tiles: int = 4                 # tiles of 8 channels side by side in those kernels' weights (one read stream)
+    float_panels: int = 1              # lanes-wide panels side by side in f32/f16 weights (one read stream per task)
     runtime_os: str = "linux"
     runtime_needs: str = ""
     source: str = ""                   # file it was read from
@@ -180,6 +182,9 @@ def _parse(path: Path) -> Target:
     dot_tiles = build.get("dot_tiles", 4)
     if type(dot_tiles) is not int or dot_tiles not in (1, 2, 4, 8, 16):
         raise InputError(f"{path}: build.dot_tiles must be 1, 2, 4, 8 or 16, got {dot_tiles!r}")
+    float_panels = build.get("float_panels", 1)
+    if type(float_panels) is not int or float_panels not in (1, 2, 4, 8):
+        raise InputError(f"{path}: build.float_panels must be 1, 2, 4 or 8, got {float_panels!r}")
     for key, val in (("llvm.mcpu", llvm.get("mcpu", "")), ("build.cc", build.get("cc", "")),
                      ("summary", data.get("summary", "")), ("runtime.needs", runtime.get("needs", ""))):
         if not isinstance(val, str):
@@ -188,6 +193,7 @@ def _parse(path: Path) -> Target:
                   mcpu=llvm.get("mcpu", ""), mattr=tuple(mattr), kind=data.get("kind", "llvm"),
                   status=data.get("status", "ready"), cc=build.get("cc") or None, cc_search=tuple(cc_search),
                   cc_package=build.get("cc_package", ""), lanes=lanes, dot=dot, dot_tiles=dot_tiles,
+                  float_panels=float_panels,
                   runtime_os=runtime.get("os", "linux"),
                   runtime_needs=runtime.get("needs", ""), source=str(path))
 

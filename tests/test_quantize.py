@@ -114,18 +114,21 @@ def build():
     return _build
 
 
-@pytest.mark.parametrize("name", ["f32", "f16", "q8", "q4", "q4-g64-f32"])
+@pytest.mark.parametrize("name,panels", [("f32", 1), ("f16", 1), ("q8", 1), ("q4", 1), ("q4-g64-f32", 1),
+                                         ("f32", 4), ("f16", 4)])
 @pytest.mark.parametrize("k,n,rows", [(172, 64, 1), (64, 96, 1), (72, 48, 1), (64, 48, 5), (100, 20, 3),
                                         (100, 32, 13)])
-def test_linear_kernel_is_numpy_dequantization(build, name, k, n, rows):
+def test_linear_kernel_is_numpy_dequantization(build, name, panels, k, n, rows):
+    """panels 4: float weights with up to 4 x 16 channels side by side (targets' `float_panels`), prefill tiles
+    16 lanes wide inside them."""
     from llamac import tvm_kernels
 
     s = get_scheme(name)
-    lanes = pick_lanes(n, 16)
+    lanes = pick_lanes(n, 16 * panels)
     qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
     arrays = pack(qt, lanes)
     x = RNG.standard_normal((1, rows, k)).astype(np.float32)
-    f, tvm = build(tvm_kernels.linear(s, k, n, lanes))
+    f, tvm = build(tvm_kernels.linear(s, k, n, lanes, 16))
     scale = arrays.get("scale", np.zeros((1, 1, 1), np.float32))
     y = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
     f(tvm.runtime.tensor(x), tvm.runtime.tensor(arrays.get("w", arrays.get("q"))), tvm.runtime.tensor(scale), y)
@@ -284,17 +287,19 @@ DOT_SHAPES = [(172, 64, 1), (64, 48, 5), (256, 96, 9), (100, 8, 3), (64, 256, 1)
 
 
 def q8_activations(x: np.ndarray) -> np.ndarray:
-    """llama.cpp's Q8_0 for activations, written out: blocks of 32 inputs (zero-padded), d = max|x| / 127,
-    q = round(x / d); returns the dequantized activations d * q."""
+    """llama.cpp's Q8_0 for activations, written out: blocks of 32 inputs (zero-padded), m = max|x|,
+    q = rint(x * (127 / m)), d = m / 127, all in float32 as the kernels compute them (in float64, x / d lands on the
+    other side of a .5 for a few draws, and one code then differs); returns the dequantized activations d * q."""
     s, k = x.shape
     kp = -(-k // 32) * 32
-    blocks = np.zeros((s, kp), np.float64)
+    blocks = np.zeros((s, kp), np.float32)
     blocks[:, :k] = x
     blocks = blocks.reshape(s, -1, 32)
-    d = np.abs(blocks).max(axis=2, keepdims=True) / 127
-    q = np.rint(np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0))
+    m = np.abs(blocks).max(axis=2, keepdims=True)
+    inv = np.divide(np.float32(127), m, out=np.zeros_like(m), where=m > 0)
+    q = np.rint(blocks * inv)
     assert np.abs(q).max() <= 127
-    return (q * d).reshape(s, kp)[:, :k]
+    return (q.astype(np.float64) * (m / np.float32(127)).astype(np.float64)).reshape(s, kp)[:, :k]
 
 
 def _build_for(target_dict: dict, func):
@@ -374,7 +379,8 @@ def test_vnni_kernels_are_vpdpbusd(name):
     assert "vpmaddubsw" in asm["avx2"] and "vpdpbusd" not in asm["avx2"]
 
 
-@pytest.mark.parametrize("kernel,name", [("dense", "f16"), ("lanes", "q4"), ("dot", "q8"), ("dot", "q4")])
+@pytest.mark.parametrize("kernel,name", [("dense", "f16"), ("wide", "f16"), ("lanes", "q4"), ("dot", "q8"),
+                                         ("dot", "q4")])
 @pytest.mark.parametrize("rows", [1, 7])
 def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, kernel, name, rows):
     """The parallel loops take their tasks from a shared counter: on 3 threads, every output tile is written (the
@@ -388,7 +394,8 @@ def test_linear_kernels_on_several_threads_compute_every_tile_once(build_avx2, k
         arrays, func = pack(qt, 32, "dot"), tvm_dot.linear(s, k, n, "avx2", 32)
         ref = q8_activations
     else:
-        arrays, func = pack(qt, 16), tvm_kernels.linear(s, k, n, 16)
+        lanes = 64 if kernel == "wide" else 16     # wide: 4 panels of 16 side by side
+        arrays, func = pack(qt, lanes), tvm_kernels.linear(s, k, n, lanes, 16)
         ref = np.asarray
     x = RNG.standard_normal((1, rows, k)).astype(np.float32)
     f, tvm = build_avx2(func)

@@ -23,6 +23,7 @@ def test_builtin_targets_are_complete():
     assert targets["x86_64-avx512-vnni"].dot == "vnni" and "+avx512vnni" in targets["x86_64-avx512-vnni"].mattr
     # 16 tiles of sums fit AVX-512's 32 vector registers, not AVX2's 16
     assert (targets["x86_64-avx2"].dot_tiles, targets["x86_64-avx512"].dot_tiles) == (4, 16)
+    assert (targets["x86_64-avx2"].float_panels, targets["x86_64-avx512-vnni"].float_panels) == (1, 4)
     assert targets["webgpu"].kind == "webgpu" and targets["webgpu"].arch == "wasm32"
 
 
@@ -59,6 +60,7 @@ def test_user_target_file(tmp_path):
     ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\nmattr = ["+avx2"]\n[build]\ndot = "vnni"\n', "avx512vnni"),
     ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\ndot_tiles = 3\n', "dot_tiles must be"),
     ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\ndot_tiles = 32\n', "dot_tiles must be"),
+    ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\nfloat_panels = 3\n', "float_panels must be"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["+neon"]\n[build]\ndot = "sdot"\n', "dotprod"),
 ])
 def test_malformed_target_files(tmp_path, text, match):
