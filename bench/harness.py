@@ -11,7 +11,8 @@ burst of load from other processes hits every peer alike. Best and median over t
 Before each run the harness waits (--gate-wait s at most) until the machine is quiet: fewer than --gate cores busy
 over one second. For each run the harness records the 1-minute load average before and after, and the CPU time other processes used
 during the run (from /proc: all busy jiffies minus the measured worker's own), in cores. Memory bandwidth is measured
-in the same session (a C streaming-read kernel, gcc -O3 -march=native -fopenmp, --threads threads, once per round);
+in the same session (a C streaming-read kernel, gcc -O3 -march=native -fopenmp, --threads threads, at the start of
+each round and right before each llamac run; the best probe of a round is its figure);
 the decode roofline of a model is bandwidth / bytes of weights read per token (the KV cache, under 1 MB per token
 at these context lengths, is left out).
 
@@ -412,17 +413,22 @@ def main() -> None:
     res["bandwidth_gbs"], runs = [], {f"{w.peer}|{w.fmt}": [] for w in workers}
     try:
         for rnd in range(a.rounds):
+            # the memory's speed swings within minutes on a shared host: probe at each round's start and again
+            # right before each llamac run (that run's own roofline); the round's figure is its best probe
             res["bandwidth_gbs"].append(bandwidth(a.threads))
             k = rnd % max(1, len(workers))
             for w in workers[k:] + workers[:k]:  # rotate who goes first
                 key = f"{w.peer}|{w.fmt}"
                 if "error" in res["rows"][key] or ("slow" in res["rows"][key] and runs[key]):
                     continue
+                probe = bandwidth(a.threads) if w.peer == "llamac" else None
+                if probe is not None:
+                    res["bandwidth_gbs"][rnd] = max(res["bandwidth_gbs"][rnd], probe)
                 busy, waited = gate(a.gate, a.gate_wait) if a.gate_wait > 0 else (None, 0.0)
                 try:
                     r = measured_run(w, timeout=900, idle=[x for x in workers if x is not w])
                     r.update(gate_busy_cores=None if busy is None else round(busy, 2), gate_waited_s=round(waited, 1),
-                             round=rnd)
+                             round=rnd, probe_gbs=probe)
                 except Exception as e:
                     res["rows"][key]["error"] = f"failed in round {rnd + 1}: {e}"
                     continue
@@ -443,9 +449,11 @@ def main() -> None:
             if bw and row.get("bytes_per_token"):
                 row["roofline_tok_s"] = bw * 1e9 / row["bytes_per_token"]
                 row["roofline_share"] = row["tg_best"] / row["roofline_tok_s"]
-                # each run against the bandwidth of its own round: how much the best-of-rounds bar owes to one round
+                # each run against the probe taken just before it (else its round's): how much the best-of-rounds
+                # bar owes to one round
                 row["roofline_round_shares"] = [
-                    r["tg"] * row["bytes_per_token"] / (res["bandwidth_gbs"][r["round"]] * 1e9) for r in rs]
+                    r["tg"] * row["bytes_per_token"] / ((r.get("probe_gbs") or res["bandwidth_gbs"][r["round"]]) * 1e9)
+                    for r in rs]
 
     if not a.no_cli_check and (not only or "llamac" in only):
         res["llamac_bench_cli"] = {}

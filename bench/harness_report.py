@@ -41,7 +41,7 @@ def _gate_summary(res: dict, runs: list[dict]) -> str:
 
 
 def _round_shares(shares: list[float] | None) -> str:
-    """'56-85 %, 2 of 5 rounds >= 70 %': each run's decode against the bandwidth measured in its own round."""
+    """'56-85 %, 2 of 5 rounds >= 70 %': each run's decode against the bandwidth probed just before it."""
     if not shares:
         return "–"
     above = sum(1 for x in shares if x >= BAR_ROOF)
@@ -72,10 +72,10 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
         "This machine is shared with other jobs: a run during which others held a core understates that peer "
         "(2-thread runs collapse when a core is taken), so compare rows whose 'other procs' figure is near 0.",
         f"- Memory bandwidth, measured in the same session ({t} threads, streaming read of 1 GiB in huge pages, 1-8 "
-        f"streams per thread, best pass, once per round): best {_f(bw)} GB/s (rounds: {', '.join(_f(x) for x in res.get('bandwidth_gbs', []))}). Decode "
+        f"streams per thread, best pass, at each round's start and right before each llamac run): best {_f(bw)} GB/s (best per round: {', '.join(_f(x) for x in res.get('bandwidth_gbs', []))}). Decode "
         "roofline = bandwidth / weight bytes read per token (lm_head once; the KV cache, under 1 MB/token here, "
         "left out); % of roofline uses the best tg and the best bandwidth (issue 7's bar), and the llamac table "
-        "also gives each run against the bandwidth probed in its own round.",
+        "also gives each run against the bandwidth probed just before it.",
         "",
         f"| peer | format | weights read / token | pp{p} tok/s best | pp{p} median | tg{n} tok/s best | tg{n} median "
         "| decode roofline tok/s | % of roofline | runs | load before (median) | other procs, cores (median) |",
@@ -101,7 +101,7 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
     lines += [f"## llamac / llama.cpp, same run (issue 7's bars: tg ≥ {BAR_TG}x, pp ≥ {BAR_PP}x, "
               f"decode ≥ {BAR_ROOF:.0%} of roofline)", "",
               f"| llamac | llama.cpp | pp{p} best | pp{p} median | tg{n} best | tg{n} median | llamac % of roofline "
-              "| llamac % of each round's own roofline | bars met |", "|---|---|---|---|---|---|---|---|---|"]
+              "| llamac % of the roofline probed just before each run | bars met |", "|---|---|---|---|---|---|---|---|---|"]
     for q, ft in PAIRS:
         a, b = by.get(("llamac", q), {}), by.get(("llama.cpp", ft), {})
         if "tg_best" not in a or "tg_best" not in b:
