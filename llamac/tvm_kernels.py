@@ -91,28 +91,42 @@ def tile_scope(rows: int) -> str:
 def linear(scheme: Scheme, k: int, n: int, lanes: int, tile_lanes: int | None = None):
     """Kernel for weights in the "lanes" layout, `lanes` output channels side by side; `tile_lanes` (the target's
     lanes, default `lanes`): the width of the float kernels' prefill tiles, which must fit the vector registers."""
-    tl = min(tile_lanes or lanes, lanes)
-    if scheme.kind == "float":
-        return _linear_dense(k, n, lanes, tl, scheme.weight_dtype, None, k)
-    if scheme.bits == 8:
-        return _linear_dense(k, n, lanes, tl, "int8", scheme.scale_dtype, scheme.group_size or k)
+    if scheme.kind == "float" or scheme.bits == 8:
+        return linear_group(scheme, k, (n,), (lanes,), tile_lanes)
     return _linear_q4(k, n, lanes, scheme.scale_dtype, scheme.group_size)
 
 
-def _linear_dense(K: int, N: int, L: int, TL: int, wdtype: str, sdtype: str | None, GS: int):
-    """f32 / f16 / int8 weights [N/L, K, L]; int8 has scales [N/L, G, L] applied once per group. A panel of L
-    channels is one read stream; prefill works through it TL lanes at a time (a multiple of TL)."""
-    NB = N // L
+def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], lanes: tuple[int, ...], tile_lanes: int | None = None):
+    """y_i[1, S, N_i] = x[1, S, K] @ W_i for one to three f32 / f16 / q8 weights in the "lanes" layout that share
+    their input (q, k, v; gate, up): one parallel loop over the panels of every weight, one thread-pool launch and one
+    longer read stream instead of one per weight (f16 123M decode: q, k and v 67 -> 54 us per layer)."""
+    assert 1 <= len(ns) == len(lanes) <= 3 and (scheme.kind == "float" or scheme.bits == 8)
+    tl = min([tile_lanes or min(lanes)] + list(lanes))
+    if scheme.kind == "float":
+        return _linear_dense(k, ns, lanes, tl, scheme.weight_dtype, None, k)
+    return _linear_dense(k, ns, lanes, tl, "int8", scheme.scale_dtype, scheme.group_size or k)
+
+
+def _linear_dense(K: int, ns: tuple[int, ...], Ls: tuple[int, ...], TL: int, wdtype: str, sdtype: str | None,
+                  GS: int):
+    """f32 / f16 / int8 weights W_o [N_o/L_o, K, L_o]; int8 has scales [N_o/L_o, G, L_o] applied once per group. A
+    panel of L_o channels is one read stream; prefill works through it TL lanes at a time (L_o a multiple of TL).
+    Tasks of weight o follow those of weight o - 1 in one parallel loop."""
+    NB = [n // L for n, L in zip(ns, Ls)]
     G = -(-K // GS)
     scaled = sdtype is not None
     # panels per decode task: up to 4 x TL channels (2 x for int8), so a core has that many loads in flight
-    DG = next(d for d in ((4, 2, 1) if not scaled else (2, 1)) if NB % d == 0 and d * L <= 4 * TL)
+    DG = [next(d for d in ((4, 2, 1) if not scaled else (2, 1)) if nb % d == 0 and d * L <= 4 * TL)
+          for nb, L in zip(NB, Ls)]
+    DT0 = [sum(nb // d for nb, d in zip(NB[:o], DG[:o])) for o in range(len(ns))]     # first decode task of W_o
+    DT1 = [DT0[o] + NB[o] // DG[o] for o in range(len(ns))]
+    PT0 = [sum(NB[:o]) for o in range(len(ns))]                                        # prefill: one per panel
+    PT1 = [PT0[o] + NB[o] for o in range(len(ns))]
     sdt = sdtype or "float32"
     TB = ROWS if scaled else FLOAT_ROWS
-    sshape = (NB, G, L) if scaled else (1, 1, 1)     # float weights: an unused placeholder scale
 
     @T.macro
-    def tile(x, w, sc, y, nb0, l0, r0, S, TB, NP, LW):
+    def tile(x, w, sc, y, nb0, l0, r0, S, TB, NP, LW, L):
         """TB rows x NP weight panels, lanes l0 .. l0 + LW of each. Prefill: 6 rows share each weight vector (12
         accumulators). Decode: one row, NP whole panels at once, so that a core has NP x L channels' loads in flight
         (one narrow stream cannot keep enough DRAM reads outstanding); NP x L/8 accumulator chains also hide the
@@ -147,29 +161,89 @@ def _linear_dense(K: int, N: int, L: int, TL: int, wdtype: str, sdtype: str | No
                     for l in T.vectorized(LW):
                         y[r0 + t, (nb0 + p) * L + l0 + l] = acc[t, p, l]
 
-    @T.macro(hygienic=False)
-    def panel(nb, TB=TB, TL=TL, tile=tile):    # prefill: every row of weight panel nb, TB rows x TL lanes at a time
+    @T.macro
+    def panel(x, w, sc, y, nb, S, L):     # prefill: every row of weight panel nb, TB rows x TL lanes at a time
         for sub in range(L // TL):
             for sb in range((S + TB - 1) // TB):
-                tile(x, w, sc, y, nb, sub * TL, sb * TB, S, TB, 1, TL)
+                tile(x, w, sc, y, nb, sub * TL, sb * TB, S, TB, 1, TL, L)
 
     @T.macro(hygienic=False)
-    def panels(nbo, DG=DG, tile=tile):   # decode: weight panels nbo * DG .., the one row
-        tile(x, w, sc, y, nbo * DG, 0, T.int64(0), S, 1, DG, L)
+    def decode_task(i, tile=tile, DG=DG, DT0=DT0, DT1=DT1, Ls=Ls):   # decode: DG_o panels of W_o, the one row
+        if i < DT1[0]:
+            tile(x, w0, sc0, y0, i * DG[0], 0, T.int64(0), S, 1, DG[0], Ls[0], Ls[0])
+        if len(Ls) > 1:
+            if DT0[1] <= i and i < DT1[1]:
+                tile(x, w1, sc1, y1, (i - DT0[1]) * DG[1], 0, T.int64(0), S, 1, DG[1], Ls[1], Ls[1])
+        if len(Ls) > 2:
+            if DT0[2] <= i:
+                tile(x, w2, sc2, y2, (i - DT0[2]) * DG[2], 0, T.int64(0), S, 1, DG[2], Ls[2], Ls[2])
 
-    @T.prim_func(private=True)
-    def linear_dense(x_h: T.handle, w: T.Buffer((NB, K, L), wdtype), sc: T.Buffer(sshape, sdt),
-                     y_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
-        S = T.int64()
-        x3 = T.match_buffer(x_h, (1, S, K), "float32")      # [1, seq, K] as the graph has it: no reshape
-        y3 = T.match_buffer(y_h, (1, S, N), "float32")
-        x = T.decl_buffer((S, K), "float32", data=x3.data)
-        y = T.decl_buffer((S, N), "float32", data=y3.data)
+    @T.macro(hygienic=False)
+    def prefill_task(i, panel=panel, PT0=PT0, PT1=PT1, Ls=Ls):
+        if i < PT1[0]:
+            panel(x, w0, sc0, y0, i, S, Ls[0])
+        if len(Ls) > 1:
+            if PT0[1] <= i and i < PT1[1]:
+                panel(x, w1, sc1, y1, i - PT0[1], S, Ls[1])
+        if len(Ls) > 2:
+            if PT0[2] <= i:
+                panel(x, w2, sc2, y2, i - PT0[2], S, Ls[2])
+
+    @T.macro(hygienic=False)
+    def body(x3, decode_task=decode_task, prefill_task=prefill_task, DT1=DT1, PT1=PT1):
+        x = T.decl_buffer((S, K), "float32", data=x3.data)    # [1, seq, K] as the graph has it: no reshape
         if S == 1:
-            for_each_chunk(NB // DG, panels)
+            for_each_chunk(DT1[-1], decode_task)
         else:
-            for_each_task(T.int64(NB), panel)
+            for_each_task(T.int64(PT1[-1]), prefill_task)
+
+    def wshape(o):
+        return NB[o], K, Ls[o]
+
+    def sshape(o):
+        return (NB[o], G, Ls[o]) if scaled else (1, 1, 1)    # float weights: an unused placeholder scale
+
+    attrs = {"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE}
+    # TVMScript takes a fixed parameter list: one signature per weight count, the same body
+    if len(ns) == 1:
+        @T.prim_func(private=True)
+        def linear_dense(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                         y_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            x3 = T.match_buffer(x_h, (1, S, K), "float32")
+            y03 = T.match_buffer(y_h, (1, S, ns[0]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            body(x3)
+    elif len(ns) == 2:
+        @T.prim_func(private=True)
+        def linear_dense(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                         w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt), y0_h: T.handle,
+                         y1_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            x3 = T.match_buffer(x_h, (1, S, K), "float32")
+            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
+            y13 = T.match_buffer(y1_h, (1, S, ns[1]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
+            body(x3)
+    else:
+        @T.prim_func(private=True)
+        def linear_dense(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                         w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt),
+                         w2: T.Buffer(wshape(2), wdtype), sc2: T.Buffer(sshape(2), sdt),
+                         y0_h: T.handle, y1_h: T.handle, y2_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            x3 = T.match_buffer(x_h, (1, S, K), "float32")
+            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
+            y13 = T.match_buffer(y1_h, (1, S, ns[1]), "float32")
+            y23 = T.match_buffer(y2_h, (1, S, ns[2]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
+            y2 = T.decl_buffer((S, ns[2]), "float32", data=y23.data)
+            body(x3)
 
     return linear_dense
 

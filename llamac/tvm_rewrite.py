@@ -330,11 +330,10 @@ class _StepRewriter(relax.PyExprMutator):
         return c3, ext
 
     def _sibling_linears(self, func) -> dict:
-        """Dot-layout linear layers on the same [1, seq, K] input with the same scheme (q, k, v; gate, up), up to three
-        per group: each group becomes one kernel (`tvm_dot.linear_group`), one thread-pool launch instead of one per
-        weight. The lm_head stays alone (its input is sliced to the last position)."""
-        if not self.isa:
-            return {}
+        """Linear layers on the same [1, seq, K] input with the same scheme and layout (q, k, v; gate, up), up to three
+        per group: each group becomes one kernel (`tvm_dot.linear_group`, `tvm_kernels.linear_group`), one
+        thread-pool launch instead of one per weight (q4 in the "lanes" layout stays one per weight). The lm_head
+        stays alone (its input is sliced to the last position)."""
         groups: dict = {}
         for b in _bindings(func):
             call = b.value
@@ -343,9 +342,10 @@ class _StepRewriter(relax.PyExprMutator):
             w, x = call.args[1], call.args[0]
             pw = self.packed.get(self.by_var.get(w))
             shape = list(x.ty.shape.values) if isinstance(x, relax.Var) and x.ty.shape is not None else []
-            if pw is None or pw.layout != "dot" or len(shape) != 3 or not _equal(shape[0], 1):
+            if pw is None or len(shape) != 3 or not _equal(shape[0], 1) or (
+                    pw.layout == "lanes" and pw.scheme.kind != "float" and pw.scheme.bits != 8):
                 continue
-            groups.setdefault((x, pw.scheme.name, pw.k), []).append(call)
+            groups.setdefault((x, pw.scheme.name, pw.k, pw.layout), []).append(call)
         siblings = {}
         for calls in groups.values():
             for i in range(0, len(calls), 3):
@@ -563,9 +563,15 @@ class _StepRewriter(relax.PyExprMutator):
         ns, lanes = tuple(pw.n for pw in pws), tuple(pw.lanes for pw in pws)
         x = self._f32(self.visit_expr(calls[0].args[0]))
         rows = list(x.ty.shape.values)[1]
-        gv = self._kernel(("linear-dot", pws[0].scheme.name, pws[0].k) + ns + lanes,
-                          lambda: tvm_dot.linear_group(pws[0].scheme, pws[0].k, ns, self.isa, lanes))
-        args = [x] + [a for pw in pws for a in (self.weight_vars[pw.name]["q"], self.weight_vars[pw.name]["scale"])]
+        if pws[0].layout == "dot":
+            gv = self._kernel(("linear-dot", pws[0].scheme.name, pws[0].k) + ns + lanes,
+                              lambda: tvm_dot.linear_group(pws[0].scheme, pws[0].k, ns, self.isa, lanes))
+        else:
+            gv = self._kernel(("linear", pws[0].scheme.name, pws[0].k) + ns + lanes + (self.lanes,),
+                              lambda: tvm_kernels.linear_group(pws[0].scheme, pws[0].k, ns, lanes, self.lanes))
+        wvs = [self.weight_vars[pw.name] for pw in pws]
+        args = [x] + [a for pw, wv in zip(pws, wvs)
+                      for a in (wv.get("w", wv.get("q")), wv.get("scale", self._zero_scale(pw)))]
         out = self._emit(relax.call_tir(gv, args, [relax.TensorType([1, rows, n], "float32") for n in ns]))
         for i, c in enumerate(calls):
             self.sibling_out[c] = self._like(self._emit(relax.TupleGetItem(out, i)), c)

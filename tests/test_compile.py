@@ -105,19 +105,21 @@ def _rewritten(root, tmp_path, monkeypatch, target: str, quant: str):
     return plans[0].mod, json.loads((art / "manifest.json").read_text())["model"]["num_hidden_layers"]
 
 
-def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch):
-    """On a dot target, q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per
-    layer and the lm_head, in both step functions (the results are checked against transformers above)."""
+@pytest.mark.parametrize("target,quant", [("x86_64-avx2", "q4"), ("x86_64", "q8"), ("x86_64-avx2", "f16")])
+def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch, target, quant):
+    """q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per layer and the
+    lm_head, in both step functions, with int8 dot products (avx2 q4) and in the "lanes" layout (x86_64 q8, f16)
+    (the results are checked against transformers above)."""
     from tvm import relax
 
-    mod, layers = _rewritten(root, tmp_path, monkeypatch, "x86_64-avx2", "q4")
+    mod, layers = _rewritten(root, tmp_path, monkeypatch, target, quant)
     for fname in ("main", "decode"):
         outputs = []
         for block in mod[fname].body.blocks:
             for b in block.bindings:
                 v = b.value
                 if isinstance(v, relax.Call) and v.op.name == "relax.call_tir" and \
-                        v.args[0].name_hint.startswith("linear-dot"):
+                        v.args[0].name_hint.startswith("linear"):
                     outputs.append(len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
         assert sorted(outputs) == sorted([3, 1, 2, 1] * layers + [1]), fname
 

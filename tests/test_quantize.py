@@ -429,6 +429,30 @@ def test_linear_group_kernel_is_one_linear_per_weight(isa, tiles, name, ns, rows
         assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("name", ["f32", "f16", "q8"])
+@pytest.mark.parametrize("ns,lanes,rows", [((1024, 256, 256), (64, 64, 64), 1), ((192, 64), (64, 16), 7),
+                                           ((96, 48, 32), (32, 16, 32), 13)])
+def test_lanes_linear_group_kernel_is_one_linear_per_weight(build_avx2, name, ns, lanes, rows):
+    """Sibling linear layers in the "lanes" layout (targets without byte dot products; f32 and f16 everywhere) in one
+    kernel: each output is x @ W_i, every panel written once (outputs start as NaN), on 3 threads, with panels of
+    different widths in one group."""
+    from llamac import tvm_kernels
+
+    s = get_scheme(name)
+    k = 80
+    qts = [quantize(RNG.standard_normal((k, n)).astype(np.float32), s) for n in ns]
+    arrays = [pack(qt, ln) for qt, ln in zip(qts, lanes)]
+    x = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    f, tvm = build_avx2(tvm_kernels.linear_group(s, k, ns, lanes, 16))
+    ys = [tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32)) for n in ns]
+    weights = [tvm.runtime.tensor(a) for arr in arrays
+               for a in (arr.get("w", arr.get("q")), arr.get("scale", np.zeros((1, 1, 1), np.float32)))]
+    _on_threads(tvm, 3, lambda: f(tvm.runtime.tensor(x), *weights, *ys))
+    for y, qt in zip(ys, qts):
+        expected = x[0].astype(np.float64) @ dequantize(qt).astype(np.float64)
+        assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernels_see_the_thread_pool_size(build_avx2, threads):
     """Decode chunks are 1 / (2 x threads) of the tasks left: the kernels' helper reads the pool size from the TVM
