@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_padded_k
 from llamac.targets import DOT_ISAS
-from llamac.tvm_kernels import for_each_chunk, for_each_task, tile_scope
+from llamac.tvm_kernels import for_each_chunk, for_each_task, silu_mul_row, tile_scope
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
 BLOCK = 32      # inputs per activation scale
@@ -99,16 +99,21 @@ def _sdot(acc, a, b):
                                    dtype="int32x4")
 
 
-def linear(scheme: Scheme, k: int, n: int, isa: str, lanes: int):
-    """y[1, S, N] = x[1, S, K] @ W for W in the dot layout (`lanes` channels side by side); `isa` is a DOT_ISAS key."""
-    return linear_group(scheme, k, (n,), isa, (lanes,))
+def linear(scheme: Scheme, k: int, n: int, isa: str, lanes: int, gated: bool = False):
+    """y[1, S, N] = x[1, S, K] @ W for W in the dot layout (`lanes` channels side by side); `isa` is a DOT_ISAS key.
+    gated: the kernel takes SwiGLU's gate and up [1, S, K] instead of x, x = gate * sigmoid(gate) * up
+    (`tvm_kernels.silu_mul`'s math) computed where x is quantized: the down projection without a kernel of its own
+    in front of it."""
+    return linear_group(scheme, k, (n,), isa, (lanes,), gated)
 
 
-def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: tuple[int, ...]):
+def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: tuple[int, ...],
+                 gated: bool = False):
     """y_i[1, S, N_i] = x[1, S, K] @ W_i for one to three weights in the dot layout that share their input (q, k, v;
     gate, up): x is quantized once and one parallel loop runs the tiles of every weight, one thread-pool launch
     instead of one per weight (q, k and v of the 123M model: 36 -> 28 us per decode step and layer)."""
     assert isa in DOT_ISAS and 1 <= len(ns) == len(lanes) <= 3 and all(supports(scheme, k, n) for n in ns)
+    assert not gated or len(ns) == 1
     K = k
     KP = dot_padded_k(scheme, K)
     NA = KP // BLOCK                     # activation blocks
@@ -291,16 +296,20 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
 
     @T.macro(hygienic=False)
     def body(x3, quantize_row=quantize_row, decode_task=decode_task, prefill_task=prefill_task, K=K, KP=KP, NA=NA,
-             DT=DT, PT=PT):
+             DT=DT, PT=PT, gated=gated):
         x = T.decl_buffer((S, K), "float32", data=x3.data)
         xq = T.alloc_buffer((S, KP), "int8")
         xq32 = T.decl_buffer((S, KP // 4), "int32", data=xq.data)
         dx = T.alloc_buffer((S, NA), "float32")
         xs8 = T.alloc_buffer((S, NA), "int32")      # q4: 8 * sum of the block's xq (the codes' offset); q8: 0
         if S == 1:              # decode: one row, not worth a thread-pool launch
+            if gated:
+                silu_mul_row(g3, u3, x3, T.int64(0), T.int64(0), K)
             quantize_row(x, xq, dx, xs8, T.int64(0))
         else:
             for r in T.parallel(S):
+                if gated:
+                    silu_mul_row(g3, u3, x3, r, r, K)
                 quantize_row(x, xq, dx, xs8, r)
         if S == 1:
             for_each_chunk(sum(DT), decode_task)
@@ -315,7 +324,19 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
 
     attrs = {"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE}
     # TVMScript takes a fixed parameter list: one signature per weight count, the same body
-    if len(ns) == 1:
+    if gated:
+        @T.prim_func(private=True)
+        def linear_dot(g_h: T.handle, u_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                       y_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            g3 = T.match_buffer(g_h, (1, S, K), "float32")
+            u3 = T.match_buffer(u_h, (1, S, K), "float32")
+            x3 = T.alloc_buffer((1, S, K), "float32")
+            y03 = T.match_buffer(y_h, (1, S, ns[0]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            body(x3)
+    elif len(ns) == 1:
         @T.prim_func(private=True)
         def linear_dot(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt), y_h: T.handle):
             T.func_attr(attrs)

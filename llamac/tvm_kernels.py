@@ -808,19 +808,24 @@ def rms_norm(width: int, eps: float, residual: bool):
     return rms_norm
 
 
+@T.macro
+def silu_mul_row(g, u, o, s, so, F):
+    """o[0, so, :F] = g * sigmoid(g) * u of row s of g, u [1, S, F] (o: [1, S', F]), 8 lanes at a time."""
+    for f0 in range(F // 8):
+        o[0, so, f0 * 8:f0 * 8 + 8] = (g.vload([0, s, f0 * 8], "float32x8") * u.vload([0, s, f0 * 8], "float32x8")
+                                       * _sigmoid8(g.vload([0, s, f0 * 8], "float32x8")))
+    for f in range(F // 8 * 8, F):
+        o[0, so, f] = g[0, s, f] * u[0, s, f] * T.sigmoid(g[0, s, f])
+
+
 def silu_mul(width: int):
     """out = gate * sigmoid(gate) * up for [1, S, width] (SwiGLU's middle): sigmoid from _exp8 of -|gate| (never
     overflows), 8 lanes at a time; one row needs no thread-pool launch."""
     F = width
-    FV = F // 8 * 8
 
     @T.macro
     def row(g, u, o, s):
-        for f0 in range(F // 8):
-            o[0, s, f0 * 8:f0 * 8 + 8] = (g.vload([0, s, f0 * 8], "float32x8") * u.vload([0, s, f0 * 8], "float32x8")
-                                          * _sigmoid8(g.vload([0, s, f0 * 8], "float32x8")))
-        for f in range(FV, F):
-            o[0, s, f] = g[0, s, f] * u[0, s, f] * T.sigmoid(g[0, s, f])
+        silu_mul_row(g, u, o, s, s, F)
 
     @T.prim_func(private=True)
     def silu_mul(g_h: T.handle, u_h: T.handle, o_h: T.handle):

@@ -9,6 +9,9 @@ What changes (everything else in the graph stays as the importer built it):
   packed parameters (codes + scales); `take(W, ids)` on an embedding becomes the matching gather kernel.
 - RMSNorm: x / sqrt(mean(x * x) + eps) * weight becomes one kernel, with the residual add that makes x (its sum is
   the kernel's second output): one kernel where the generic path runs three.
+- SwiGLU: gate * sigmoid(gate) * up becomes one kernel; in front of a down projection in the dot layout, part of
+  that projection's kernel (computed where its input is quantized).
+- Linear layers that share an input (q, k, v; gate, up) run as one kernel.
 - Logits: the lm_head runs on the last position only ([1, 1, vocab]): a session only needs those.
 
 New signature (of "main", any seq, and "decode", seq = 1): f(input_ids [1, seq], attention_mask [1, total],
@@ -543,6 +546,9 @@ class _StepRewriter(relax.PyExprMutator):
             xshape = [xshape[0], 1, xshape[2]]
             self.sliced_logits = True
         if pw.layout == "dot":
+            gated = self._gated_linear(call, pw)
+            if gated is not None:
+                return gated
             gv = self._kernel(("linear-dot", pw.scheme.name, pw.k, pw.n, pw.lanes),
                               lambda: tvm_dot.linear(pw.scheme, pw.k, pw.n, self.isa, pw.lanes))
         else:
@@ -556,6 +562,20 @@ class _StepRewriter(relax.PyExprMutator):
         y = relax.call_tir(gv, args, relax.TensorType([1, rows, pw.n], "float32"))
         if x3 is not x:
             y = relax.op.reshape(self._emit(y), xshape[:-1] + [pw.n])
+        return self._like(y, call)
+
+    def _gated_linear(self, call, pw: PackedWeight):
+        """SwiGLU's down projection, matmul(gate * sigmoid(gate) * up, W): one dot kernel that computes its input
+        where it quantizes it (the silu_mul kernel emitted for the product is then dead and dropped), or None."""
+        parts = self._silu_mul_parts(self._producer(call.args[0], ()))
+        if parts is None or call.same_as(self.logits_call) or not _equal(parts[2][2], pw.k):
+            return None
+        gate, up, shape = parts
+        g, u = self._f32(self.visit_expr(gate)), self._f32(self.visit_expr(up))
+        gv = self._kernel(("linear-dot-gated", pw.scheme.name, pw.k, pw.n, pw.lanes),
+                          lambda: tvm_dot.linear(pw.scheme, pw.k, pw.n, self.isa, pw.lanes, gated=True))
+        wv = self.weight_vars[pw.name]
+        y = relax.call_tir(gv, [g, u, wv["q"], wv["scale"]], relax.TensorType([1, shape[1], pw.n], "float32"))
         return self._like(y, call)
 
     def _linear_group(self, calls: list) -> None:
@@ -598,6 +618,19 @@ class _StepRewriter(relax.PyExprMutator):
 
     def _silu_mul(self, call):
         """(gate * sigmoid(gate)) * up -> one kernel (the generic one calls libm's exp per element)."""
+        parts = self._silu_mul_parts(call)
+        if parts is None:
+            return None
+        gate, up, shape = parts
+        width = int(shape[2])
+        g, u = self._f32(self.visit_expr(gate)), self._f32(self.visit_expr(up))
+        gv = self._kernel(("silu_mul", width), lambda: tvm_kernels.silu_mul(width))
+        return self._like(relax.call_tir(gv, [g, u], relax.TensorType(shape, "float32")), call)
+
+    def _silu_mul_parts(self, call):
+        """(gate, up, shape) where call is (gate * sigmoid(gate)) * up on [1, seq, width] tensors, else None."""
+        if not _call_op(call, "multiply"):
+            return None
         shape = list(call.ty.shape.values) if call.ty.shape is not None else []
         if len(shape) != 3 or not _equal(shape[0], 1) or not isinstance(shape[2], (int, tvm.tirx.IntImm)):
             return None
@@ -612,10 +645,7 @@ class _StepRewriter(relax.PyExprMutator):
                 shapes = [list(e.ty.shape.values) if e.ty.shape is not None else [] for e in (gate, up)]
                 if not all(len(sh) == 3 and all(_same_dim(a, b) for a, b in zip(sh, shape)) for sh in shapes):
                     return None
-                width = int(shape[2])
-                g, u = self._f32(self.visit_expr(gate)), self._f32(self.visit_expr(up))
-                gv = self._kernel(("silu_mul", width), lambda: tvm_kernels.silu_mul(width))
-                return self._like(relax.call_tir(gv, [g, u], relax.TensorType(shape, "float32")), call)
+                return gate, up, shape
         return None
 
     @staticmethod

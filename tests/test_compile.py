@@ -109,19 +109,24 @@ def _rewritten(root, tmp_path, monkeypatch, target: str, quant: str):
 def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch, target, quant):
     """q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per layer and the
     lm_head, in both step functions, with int8 dot products (avx2 q4) and in the "lanes" layout (x86_64 q8, f16)
-    (the results are checked against transformers above)."""
+    (the results are checked against transformers above). With dot products the down projection computes SwiGLU's
+    gate * sigmoid(gate) * up itself: no silu_mul kernel is left."""
     from tvm import relax
 
     mod, layers = _rewritten(root, tmp_path, monkeypatch, target, quant)
+    dot = quant == "q4"
     for fname in ("main", "decode"):
-        outputs = []
+        outputs, names = [], []
         for block in mod[fname].body.blocks:
             for b in block.bindings:
                 v = b.value
-                if isinstance(v, relax.Call) and v.op.name == "relax.call_tir" and \
-                        v.args[0].name_hint.startswith("linear"):
-                    outputs.append(len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
+                if isinstance(v, relax.Call) and v.op.name == "relax.call_tir":
+                    names.append(v.args[0].name_hint.rsplit("_", 1)[0])
+                    if names[-1].startswith("linear"):
+                        outputs.append(len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
         assert sorted(outputs) == sorted([3, 1, 2, 1] * layers + [1]), fname
+        assert names.count("silu_mul") == (0 if dot else layers), fname
+        assert names.count("linear-dot-gated") == (layers if dot else 0), fname
 
 
 def test_rms_norms_are_one_kernel_with_their_residual_add(root, tmp_path, monkeypatch):

@@ -429,6 +429,39 @@ def test_linear_group_kernel_is_one_linear_per_weight(isa, tiles, name, ns, rows
         assert np.abs(y.numpy()[0] - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("isa,tiles", DOT_KINDS)
+@pytest.mark.parametrize("name", ["q4", "q8"])
+@pytest.mark.parametrize("k,rows", [(100, 1), (256, 1), (100, 6)])
+def test_gated_linear_kernel_is_silu_mul_then_linear(isa, tiles, name, k, rows):
+    """SwiGLU's down projection with its gate * sigmoid(gate) * up computed inside (one kernel, no silu_mul in front):
+    the same output, bit for bit, as the silu_mul kernel followed by the linear one (each checked against numpy
+    above), and near numpy's float64 silu then the int8 dot products; on 3 threads."""
+    from llamac import tvm_dot, tvm_kernels
+
+    s = get_scheme(name)
+    n = 64
+    qt = quantize(RNG.standard_normal((k, n)).astype(np.float32), s)
+    lanes = dot_lanes(n, tiles)
+    arrays = pack(qt, lanes, "dot")
+    g = (RNG.standard_normal((1, rows, k)) * 3).astype(np.float32)
+    u = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    build = build_dot(isa)
+    fused, tvm = build(tvm_dot.linear(s, k, n, isa, lanes, gated=True))
+    silu, _ = build(tvm_kernels.silu_mul(k))
+    linear, _ = build(tvm_dot.linear(s, k, n, isa, lanes))
+    w, sc = tvm.runtime.tensor(arrays["q"]), tvm.runtime.tensor(arrays["scale"])
+    y = tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32))
+    _on_threads(tvm, 3, lambda: fused(tvm.runtime.tensor(g), tvm.runtime.tensor(u), w, sc, y))
+    x = tvm.runtime.tensor(np.zeros((1, rows, k), np.float32))
+    silu(tvm.runtime.tensor(g), tvm.runtime.tensor(u), x)
+    y2 = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
+    linear(x, w, sc, y2)
+    assert np.array_equal(y.numpy(), y2.numpy())
+    g64 = g[0].astype(np.float64)
+    expected = (g64 / (1 + np.exp(-g64)) * u[0]) @ dequantize(qt).astype(np.float64)
+    assert np.abs(y.numpy()[0] - expected).max() <= 2e-2 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("name", ["f32", "f16", "q8"])
 @pytest.mark.parametrize("ns,lanes,rows", [((1024, 256, 256), (64, 64, 64), 1), ((192, 64), (64, 16), 7),
                                            ((96, 48, 32), (32, 16, 32), 13)])
