@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_padded_k
 from llamac.targets import DOT_ISAS
-from llamac.tvm_kernels import for_each_chunk, for_each_task, silu_mul_row, tile_scope
+from llamac.tvm_kernels import for_each_chunk, for_each_task, rms_norm_row, silu_mul_row, tile_scope
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
 BLOCK = 32      # inputs per activation scale
@@ -108,12 +108,15 @@ def linear(scheme: Scheme, k: int, n: int, isa: str, lanes: int, gated: bool = F
 
 
 def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: tuple[int, ...],
-                 gated: bool = False):
+                 gated: bool = False, norm_eps: float | None = None):
     """y_i[1, S, N_i] = x[1, S, K] @ W_i for one to three weights in the dot layout that share their input (q, k, v;
     gate, up): x is quantized once and one parallel loop runs the tiles of every weight, one thread-pool launch
-    instead of one per weight (q, k and v of the 123M model: 36 -> 28 us per decode step and layer)."""
+    instead of one per weight (q, k and v of the 123M model: 36 -> 28 us per decode step and layer).
+    norm_eps: x is the residual add and RMSNorm in front (`tvm_kernels.rms_norm`'s math) of inputs a, b [1, S, K]
+    and the norm's weight [K]: h = a + b and x come out first, then the y_i (no norm kernel in front)."""
     assert isa in DOT_ISAS and 1 <= len(ns) == len(lanes) <= 3 and all(supports(scheme, k, n) for n in ns)
-    assert not gated or len(ns) == 1
+    assert not gated or (len(ns) == 1 and norm_eps is None)
+    normed = norm_eps is not None
     K = k
     KP = dot_padded_k(scheme, K)
     NA = KP // BLOCK                     # activation blocks
@@ -296,7 +299,7 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
 
     @T.macro(hygienic=False)
     def body(x3, quantize_row=quantize_row, decode_task=decode_task, prefill_task=prefill_task, K=K, KP=KP, NA=NA,
-             DT=DT, PT=PT, gated=gated):
+             DT=DT, PT=PT, gated=gated, normed=normed, norm_eps=norm_eps):
         x = T.decl_buffer((S, K), "float32", data=x3.data)
         xq = T.alloc_buffer((S, KP), "int8")
         xq32 = T.decl_buffer((S, KP // 4), "int32", data=xq.data)
@@ -305,11 +308,15 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
         if S == 1:              # decode: one row, not worth a thread-pool launch
             if gated:
                 silu_mul_row(g3, u3, x3, T.int64(0), T.int64(0), K)
+            if normed:
+                rms_norm_row(a3, b3, h3, nw, x3, T.int64(0), K, norm_eps, True)
             quantize_row(x, xq, dx, xs8, T.int64(0))
         else:
             for r in T.parallel(S):
                 if gated:
                     silu_mul_row(g3, u3, x3, r, r, K)
+                if normed:
+                    rms_norm_row(a3, b3, h3, nw, x3, r, K, norm_eps, True)
                 quantize_row(x, xq, dx, xs8, r)
         if S == 1:
             for_each_chunk(sum(DT), decode_task)
@@ -335,6 +342,54 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
             x3 = T.alloc_buffer((1, S, K), "float32")
             y03 = T.match_buffer(y_h, (1, S, ns[0]), "float32")
             y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            body(x3)
+    elif normed and len(ns) == 1:
+        @T.prim_func(private=True)
+        def linear_dot(a_h: T.handle, b_h: T.handle, nw: T.Buffer((K,), "float32"), w0: T.Buffer(wshape(0), wdtype),
+                       sc0: T.Buffer(sshape(0), sdt), h_h: T.handle, x_h: T.handle, y0_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            a3 = T.match_buffer(a_h, (1, S, K), "float32")
+            b3 = T.match_buffer(b_h, (1, S, K), "float32")
+            h3 = T.match_buffer(h_h, (1, S, K), "float32")
+            x3 = T.match_buffer(x_h, (1, S, K), "float32")
+            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            body(x3)
+    elif normed and len(ns) == 2:
+        @T.prim_func(private=True)
+        def linear_dot(a_h: T.handle, b_h: T.handle, nw: T.Buffer((K,), "float32"), w0: T.Buffer(wshape(0), wdtype),
+                       sc0: T.Buffer(sshape(0), sdt), w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt),
+                       h_h: T.handle, x_h: T.handle, y0_h: T.handle, y1_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            a3 = T.match_buffer(a_h, (1, S, K), "float32")
+            b3 = T.match_buffer(b_h, (1, S, K), "float32")
+            h3 = T.match_buffer(h_h, (1, S, K), "float32")
+            x3 = T.match_buffer(x_h, (1, S, K), "float32")
+            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
+            y13 = T.match_buffer(y1_h, (1, S, ns[1]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
+            body(x3)
+    elif normed:
+        @T.prim_func(private=True)
+        def linear_dot(a_h: T.handle, b_h: T.handle, nw: T.Buffer((K,), "float32"), w0: T.Buffer(wshape(0), wdtype),
+                       sc0: T.Buffer(sshape(0), sdt), w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt),
+                       w2: T.Buffer(wshape(2), wdtype), sc2: T.Buffer(sshape(2), sdt),
+                       h_h: T.handle, x_h: T.handle, y0_h: T.handle, y1_h: T.handle, y2_h: T.handle):
+            T.func_attr(attrs)
+            S = T.int64()
+            a3 = T.match_buffer(a_h, (1, S, K), "float32")
+            b3 = T.match_buffer(b_h, (1, S, K), "float32")
+            h3 = T.match_buffer(h_h, (1, S, K), "float32")
+            x3 = T.match_buffer(x_h, (1, S, K), "float32")
+            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
+            y13 = T.match_buffer(y1_h, (1, S, ns[1]), "float32")
+            y23 = T.match_buffer(y2_h, (1, S, ns[2]), "float32")
+            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
+            y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
+            y2 = T.decl_buffer((S, ns[2]), "float32", data=y23.data)
             body(x3)
     elif len(ns) == 1:
         @T.prim_func(private=True)

@@ -745,35 +745,40 @@ def masked_softmax(rows: int):
     return masked_softmax
 
 
+@T.macro
+def rms_norm_row(a, b, x, w, y, s, W, eps, residual):
+    """Row s of [1, S, W]: y = x / sqrt(mean(x^2) + eps) * w, with x = a + b written first when `residual`."""
+    acc = T.alloc_buffer((8,), "float32")
+    r = T.alloc_buffer((1,), "float32")
+    acc[0:8] = _bc(0.0)
+    for i in range(W // 8):
+        if residual:
+            x[0, s, i * 8:i * 8 + 8] = a.vload([0, s, i * 8], "float32x8") + b.vload([0, s, i * 8], "float32x8")
+        acc[0:8] = acc.vload([0], "float32x8") + x.vload([0, s, i * 8], "float32x8") * x.vload(
+            [0, s, i * 8], "float32x8")
+    r[0] = _hsum8(acc.vload([0], "float32x8"))
+    for i in range(W // 8 * 8, W):
+        if residual:
+            x[0, s, i] = a[0, s, i] + b[0, s, i]
+        r[0] = r[0] + x[0, s, i] * x[0, s, i]
+    r[0] = T.sqrt(r[0] / T.float32(W) + T.float32(eps))
+    for i in range(W // 8):
+        y[0, s, i * 8:i * 8 + 8] = x.vload([0, s, i * 8], "float32x8") / T.broadcast(r[0], 8) * w.vload(
+            [i * 8], "float32x8")
+    for i in range(W // 8 * 8, W):
+        y[0, s, i] = x[0, s, i] / r[0] * w[i]
+
+
 def rms_norm(width: int, eps: float, residual: bool):
     """The exporter's RMSNorm over each row of [1, S, width], in f32: y = x / sqrt(mean(x^2) + eps) * w. With
     `residual`, x = a + b first (the residual add in front of every norm but the first) and x is a second output,
     the stream the next block adds to. One kernel where the generic path runs three (the add, x * x, the rest) and a
     VM allocation for each; 8 lanes at a time, and one row needs no thread-pool launch."""
     W = width
-    WV = W // 8 * 8
 
     @T.macro
     def row(a, b, x, w, y, s):
-        acc = T.alloc_buffer((8,), "float32")
-        r = T.alloc_buffer((1,), "float32")
-        acc[0:8] = _bc(0.0)
-        for i in range(W // 8):
-            if residual:
-                x[0, s, i * 8:i * 8 + 8] = a.vload([0, s, i * 8], "float32x8") + b.vload([0, s, i * 8], "float32x8")
-            acc[0:8] = acc.vload([0], "float32x8") + x.vload([0, s, i * 8], "float32x8") * x.vload(
-                [0, s, i * 8], "float32x8")
-        r[0] = _hsum8(acc.vload([0], "float32x8"))
-        for i in range(WV, W):
-            if residual:
-                x[0, s, i] = a[0, s, i] + b[0, s, i]
-            r[0] = r[0] + x[0, s, i] * x[0, s, i]
-        r[0] = T.sqrt(r[0] / T.float32(W) + T.float32(eps))
-        for i in range(W // 8):
-            y[0, s, i * 8:i * 8 + 8] = x.vload([0, s, i * 8], "float32x8") / T.broadcast(r[0], 8) * w.vload(
-                [i * 8], "float32x8")
-        for i in range(WV, W):
-            y[0, s, i] = x[0, s, i] / r[0] * w[i]
+        rms_norm_row(a, b, x, w, y, s, W, eps, residual)
 
     attrs = {"tirx.noalias": True, "llamac.kernel": "rms_norm", "op_pattern": OPAQUE}
     if residual:

@@ -9,6 +9,7 @@ What changes (everything else in the graph stays as the importer built it):
   packed parameters (codes + scales); `take(W, ids)` on an embedding becomes the matching gather kernel.
 - RMSNorm: x / sqrt(mean(x * x) + eps) * weight becomes one kernel, with the residual add that makes x (its sum is
   the kernel's second output): one kernel where the generic path runs three.
+  In front of dot-layout q, k, v or gate, up, the add and the norm are part of their kernel.
 - SwiGLU: gate * sigmoid(gate) * up becomes one kernel; in front of a down projection in the dot layout, part of
   that projection's kernel (computed where its input is quantized).
 - Linear layers that share an input (q, k, v; gate, up) run as one kernel.
@@ -227,6 +228,7 @@ class _StepRewriter(relax.PyExprMutator):
         self.norms = self._rms_norms(func)              # final multiply of an RMSNorm -> (x, weight, eps, add)
         self.norm_of_add = {v[3]: k for k, v in self.norms.items() if v[3] is not None}
         self.norm_out: dict = {}       # final multiply -> the fused kernel's normalized output
+        self.normed_groups = self._normed_groups()      # final multiply -> the dot linears it feeds (their kernel)
 
     # ---- driving
     def rewrite_body(self, func: relax.Function) -> relax.Expr:
@@ -357,6 +359,20 @@ class _StepRewriter(relax.PyExprMutator):
                     siblings.update({c: group for c in group})
         return siblings
 
+    def _normed_groups(self) -> dict:
+        """Residual-add RMSNorms whose output is the input of a group of dot-layout linears (q, k, v after the input
+        norm; gate, up after the post-attention one): that group's kernel computes the add and the norm where it
+        quantizes its input, and the norm kernel goes (it still writes both, for any other reader)."""
+        groups = {}
+        for group in {id(g): g for g in self.siblings.values()}.values():
+            x = group[0].args[0]
+            final = self.var2val.get(x) if isinstance(x, relax.Var) else None
+            pw = self.packed[self.by_var[group[0].args[1]]]
+            if final is not None and final in self.norms and self.norms[final][3] is not None and pw.layout == "dot" \
+                    and self.norms[final][0].ty.dtype == "float32":
+                groups[final] = group
+        return groups
+
     def _rms_norms(self, func) -> dict:
         """The exporter's RMSNorm in f32, x / sqrt(mean(x * x, -1) + eps) * weight: its last multiply -> (x, weight,
         eps, the residual add(a, b) that makes x, or None). Each becomes one `tvm_kernels.rms_norm` kernel, the
@@ -416,6 +432,8 @@ class _StepRewriter(relax.PyExprMutator):
     def _add_rms_norm(self, add):
         """The residual add in front of a norm, as the fused kernel's first output (its second: the norm)."""
         final = self.norm_of_add[add]
+        if final in self.normed_groups:
+            return self._normed_linear_group(add, final, self.normed_groups[final])
         x, w, eps, _ = self.norms[final]
         width = int(x.ty.shape.values[-1])
         gv = self._kernel(("add_rms_norm", width, eps), lambda: tvm_kernels.rms_norm(width, eps, True))
@@ -563,6 +581,24 @@ class _StepRewriter(relax.PyExprMutator):
         if x3 is not x:
             y = relax.op.reshape(self._emit(y), xshape[:-1] + [pw.n])
         return self._like(y, call)
+
+    def _normed_linear_group(self, add, final, calls: list):
+        """The residual add, the RMSNorm after it and the dot linears it feeds as one kernel (`tvm_dot.linear_group`
+        with norm_eps): its outputs are the add's (returned), the norm's and the linears'."""
+        x, w, eps, _ = self.norms[final]
+        pws = [self.packed[self.by_var[c.args[1]]] for c in calls]
+        ns, lanes = tuple(pw.n for pw in pws), tuple(pw.lanes for pw in pws)
+        rows = list(x.ty.shape.values)[1]
+        gv = self._kernel(("linear-dot-norm", pws[0].scheme.name, pws[0].k, eps) + ns + lanes,
+                          lambda: tvm_dot.linear_group(pws[0].scheme, pws[0].k, ns, self.isa, lanes, norm_eps=eps))
+        args = [self.visit_expr(add.args[0]), self.visit_expr(add.args[1]), self.visit_expr(w)]
+        args += [a for pw in pws for a in (self.weight_vars[pw.name]["q"], self.weight_vars[pw.name]["scale"])]
+        out = self._emit(relax.call_tir(gv, args, [x.ty, x.ty] + [
+            relax.TensorType([1, rows, n], "float32") for n in ns]))
+        self.norm_out[final] = self._emit(relax.TupleGetItem(out, 1))
+        for i, c in enumerate(calls):
+            self.sibling_out[c] = self._like(self._emit(relax.TupleGetItem(out, 2 + i)), c)
+        return relax.TupleGetItem(out, 0)
 
     def _gated_linear(self, call, pw: PackedWeight):
         """SwiGLU's down projection, matmul(gate * sigmoid(gate) * up, W): one dot kernel that computes its input

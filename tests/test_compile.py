@@ -110,7 +110,8 @@ def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch, target, q
     """q, k and v (one input) run as one kernel, and so do gate and up: 4 linear kernel calls per layer and the
     lm_head, in both step functions, with int8 dot products (avx2 q4) and in the "lanes" layout (x86_64 q8, f16)
     (the results are checked against transformers above). With dot products the down projection computes SwiGLU's
-    gate * sigmoid(gate) * up itself: no silu_mul kernel is left."""
+    gate * sigmoid(gate) * up itself, and q, k, v and gate, up the residual add and RMSNorm in front of them (all but
+    the first layer's input norm and the final one): no silu_mul kernel is left and one add_rms_norm."""
     from tvm import relax
 
     mod, layers = _rewritten(root, tmp_path, monkeypatch, target, quant)
@@ -122,11 +123,14 @@ def test_sibling_linears_share_one_kernel(root, tmp_path, monkeypatch, target, q
                 v = b.value
                 if isinstance(v, relax.Call) and v.op.name == "relax.call_tir":
                     names.append(v.args[0].name_hint.rsplit("_", 1)[0])
-                    if names[-1].startswith("linear"):
-                        outputs.append(len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
+                    if names[-1].startswith("linear"):     # a norm in front: the add's and the norm's outputs first
+                        outputs.append((len(v.ty.fields) if isinstance(v.ty, relax.TupleType) else 1)
+                                       - 2 * (names[-1] == "linear-dot-norm"))
         assert sorted(outputs) == sorted([3, 1, 2, 1] * layers + [1]), fname
         assert names.count("silu_mul") == (0 if dot else layers), fname
         assert names.count("linear-dot-gated") == (layers if dot else 0), fname
+        assert names.count("linear-dot-norm") == (2 * layers - 1 if dot else 0), fname
+        assert names.count("add_rms_norm") == (1 if dot else 2 * layers), fname
 
 
 def test_rms_norms_are_one_kernel_with_their_residual_add(root, tmp_path, monkeypatch):

@@ -462,6 +462,44 @@ def test_gated_linear_kernel_is_silu_mul_then_linear(isa, tiles, name, k, rows):
     assert np.abs(y.numpy()[0] - expected).max() <= 2e-2 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("isa,tiles", DOT_KINDS)
+@pytest.mark.parametrize("name", ["q4", "q8"])
+@pytest.mark.parametrize("k,ns,rows", [(100, (64, 32, 32), 1), (256, (64, 128), 1), (100, (64,), 6)])
+def test_normed_linear_group_kernel_is_add_rms_norm_then_linears(isa, tiles, name, k, ns, rows):
+    """The residual add and RMSNorm in front of q, k, v (or gate, up) inside their kernel: the sum, the normalized
+    rows and every output the same, bit for bit, as the add_rms_norm kernel followed by the group kernel (each
+    checked against numpy), and the outputs near numpy's float64 norm then the int8 dot products; on 3 threads."""
+    from llamac import tvm_dot, tvm_kernels
+
+    s = get_scheme(name)
+    eps = 1e-5
+    qts = [quantize(RNG.standard_normal((k, n)).astype(np.float32), s) for n in ns]
+    lanes = tuple(dot_lanes(n, tiles) for n in ns)
+    arrays = [pack(qt, ln, "dot") for qt, ln in zip(qts, lanes)]
+    a = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    b = RNG.standard_normal((1, rows, k)).astype(np.float32)
+    nw = (RNG.random(k) + 0.5).astype(np.float32)
+    build = build_dot(isa)
+    fused, tvm = build(tvm_dot.linear_group(s, k, ns, isa, lanes, norm_eps=eps))
+    norm, _ = build(tvm_kernels.rms_norm(k, eps, True))
+    group, _ = build(tvm_dot.linear_group(s, k, ns, isa, lanes))
+    weights = [tvm.runtime.tensor(arr[key]) for arr in arrays for key in ("q", "scale")]
+    t = tvm.runtime.tensor
+    outs = [t(np.full((1, rows, n), np.nan, np.float32)) for n in (k, k) + ns]
+    _on_threads(tvm, 3, lambda: fused(t(a), t(b), t(nw), *weights, *outs))
+    ref = [t(np.zeros((1, rows, n), np.float32)) for n in (k, k) + ns]
+    norm(t(a), t(b), t(nw), ref[0], ref[1])
+    group(ref[1], *weights, *ref[2:])
+    for o, r in zip(outs, ref):
+        assert np.array_equal(o.numpy(), r.numpy())
+    h = a[0].astype(np.float64) + b[0]
+    x = h / np.sqrt((h * h).mean(axis=1, keepdims=True) + eps) * nw
+    assert np.allclose(outs[1].numpy()[0], x, rtol=1e-5, atol=1e-6)
+    for o, qt in zip(outs[2:], qts):
+        expected = q8_activations(x.astype(np.float32)) @ dequantize(qt).astype(np.float64)
+        assert np.abs(o.numpy()[0] - expected).max() <= 1e-2 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("name", ["f32", "f16", "q8"])
 @pytest.mark.parametrize("ns,lanes,rows", [((1024, 256, 256), (64, 64, 64), 1), ((192, 64), (64, 16), 7),
                                            ((96, 48, 32), (32, 16, 32), 13)])
