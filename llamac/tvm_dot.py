@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 
 from llamac.quantize import Scheme, dot_padded_k
 from llamac.targets import DOT_ISAS
-from llamac.tvm_kernels import for_each_chunk, for_each_task, rms_norm_row, silu_mul_row, tile_scope
+from llamac.tvm_kernels import for_each_chunk, for_each_task, group_kernel, rms_norm_row, silu_mul_row, tile_scope
 
 OPAQUE = 8      # relax OpPatternKind kOpaque
 BLOCK = 32      # inputs per activation scale
@@ -330,7 +330,7 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
         return NB[o] // TI[o], G, 8 * TI[o]
 
     attrs = {"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE}
-    # TVMScript takes a fixed parameter list: one signature per weight count, the same body
+    # TVMScript takes a fixed parameter list: one signature per variant and weight count, the same body
     if gated:
         @T.prim_func(private=True)
         def linear_dot(g_h: T.handle, u_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
@@ -391,44 +391,8 @@ def linear_group(scheme: Scheme, k: int, ns: tuple[int, ...], isa: str, lanes: t
             y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
             y2 = T.decl_buffer((S, ns[2]), "float32", data=y23.data)
             body(x3)
-    elif len(ns) == 1:
-        @T.prim_func(private=True)
-        def linear_dot(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt), y_h: T.handle):
-            T.func_attr(attrs)
-            S = T.int64()
-            x3 = T.match_buffer(x_h, (1, S, K), "float32")
-            y03 = T.match_buffer(y_h, (1, S, ns[0]), "float32")
-            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
-            body(x3)
-    elif len(ns) == 2:
-        @T.prim_func(private=True)
-        def linear_dot(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
-                       w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt), y0_h: T.handle, y1_h: T.handle):
-            T.func_attr(attrs)
-            S = T.int64()
-            x3 = T.match_buffer(x_h, (1, S, K), "float32")
-            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
-            y13 = T.match_buffer(y1_h, (1, S, ns[1]), "float32")
-            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
-            y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
-            body(x3)
     else:
-        @T.prim_func(private=True)
-        def linear_dot(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
-                       w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt),
-                       w2: T.Buffer(wshape(2), wdtype), sc2: T.Buffer(sshape(2), sdt),
-                       y0_h: T.handle, y1_h: T.handle, y2_h: T.handle):
-            T.func_attr(attrs)
-            S = T.int64()
-            x3 = T.match_buffer(x_h, (1, S, K), "float32")
-            y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
-            y13 = T.match_buffer(y1_h, (1, S, ns[1]), "float32")
-            y23 = T.match_buffer(y2_h, (1, S, ns[2]), "float32")
-            y0 = T.decl_buffer((S, ns[0]), "float32", data=y03.data)
-            y1 = T.decl_buffer((S, ns[1]), "float32", data=y13.data)
-            y2 = T.decl_buffer((S, ns[2]), "float32", data=y23.data)
-            body(x3)
-
+        return group_kernel(K, ns, wshape, sshape, wdtype, sdt, body)
     return linear_dot
 
 

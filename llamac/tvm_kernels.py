@@ -203,13 +203,19 @@ def _linear_dense(K: int, ns: tuple[int, ...], Ls: tuple[int, ...], TL: int, wdt
     def sshape(o):
         return (NB[o], G, Ls[o]) if scaled else (1, 1, 1)    # float weights: an unused placeholder scale
 
-    attrs = {"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE}
-    # TVMScript takes a fixed parameter list: one signature per weight count, the same body
+    return group_kernel(K, ns, wshape, sshape, wdtype, sdt, body)
+
+
+def group_kernel(K: int, ns: tuple[int, ...], wshape, sshape, wdtype: str, sdt: str, body):
+    """The PrimFunc of a linear kernel on one to three weights sharing the input x [1, S, K]: parameters x, (w_o,
+    sc_o) for each weight (shapes wshape(o), sshape(o)), then y_o [1, S, N_o]; its body is `body(x3)`, a macro that
+    sees S, x3, w_o, sc_o and y_o [S, N_o]. TVMScript takes a fixed parameter list: one signature per weight count.
+    `tvm_dot` uses it too."""
     if len(ns) == 1:
         @T.prim_func(private=True)
-        def linear_dense(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
-                         y_h: T.handle):
-            T.func_attr(attrs)
+        def linear(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                   y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
             S = T.int64()
             x3 = T.match_buffer(x_h, (1, S, K), "float32")
             y03 = T.match_buffer(y_h, (1, S, ns[0]), "float32")
@@ -217,10 +223,10 @@ def _linear_dense(K: int, ns: tuple[int, ...], Ls: tuple[int, ...], TL: int, wdt
             body(x3)
     elif len(ns) == 2:
         @T.prim_func(private=True)
-        def linear_dense(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
-                         w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt), y0_h: T.handle,
-                         y1_h: T.handle):
-            T.func_attr(attrs)
+        def linear(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                   w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt), y0_h: T.handle,
+                   y1_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
             S = T.int64()
             x3 = T.match_buffer(x_h, (1, S, K), "float32")
             y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
@@ -230,11 +236,11 @@ def _linear_dense(K: int, ns: tuple[int, ...], Ls: tuple[int, ...], TL: int, wdt
             body(x3)
     else:
         @T.prim_func(private=True)
-        def linear_dense(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
-                         w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt),
-                         w2: T.Buffer(wshape(2), wdtype), sc2: T.Buffer(sshape(2), sdt),
-                         y0_h: T.handle, y1_h: T.handle, y2_h: T.handle):
-            T.func_attr(attrs)
+        def linear(x_h: T.handle, w0: T.Buffer(wshape(0), wdtype), sc0: T.Buffer(sshape(0), sdt),
+                   w1: T.Buffer(wshape(1), wdtype), sc1: T.Buffer(sshape(1), sdt),
+                   w2: T.Buffer(wshape(2), wdtype), sc2: T.Buffer(sshape(2), sdt),
+                   y0_h: T.handle, y1_h: T.handle, y2_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "llamac.kernel": "linear", "op_pattern": OPAQUE})
             S = T.int64()
             x3 = T.match_buffer(x_h, (1, S, K), "float32")
             y03 = T.match_buffer(y0_h, (1, S, ns[0]), "float32")
@@ -245,7 +251,7 @@ def _linear_dense(K: int, ns: tuple[int, ...], Ls: tuple[int, ...], TL: int, wdt
             y2 = T.decl_buffer((S, ns[2]), "float32", data=y23.data)
             body(x3)
 
-    return linear_dense
+    return linear
 
 
 def _linear_q4(K: int, N: int, L: int, sdtype: str, GS: int):
