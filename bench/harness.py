@@ -9,12 +9,15 @@ up once; then the harness goes round-robin over the workers for --rounds rounds 
 burst of load from other processes hits every peer alike. Best and median over the rounds are reported.
 
 Before each run the harness waits (--gate-wait s at most) until the machine is quiet: fewer than --gate cores busy
-over one second. For each run the harness records the 1-minute load average before and after, and the CPU time other processes used
+over one second, and (--mem-wait s at most) until the memory is fast: a bandwidth probe reads at least --mem-gate
+of the best probe so far (this host's memory flips between about 36 and 67 GB/s for seconds to minutes at a time,
+whoever runs; every peer waits alike). A probe after each run tells whether the memory stayed fast through it.
+For each run the harness records the 1-minute load average before and after, and the CPU time other processes used
 during the run (from /proc: all busy jiffies minus the measured worker's own), in cores. Memory bandwidth is measured
 in the same session (a C streaming-read kernel, gcc -O3 -march=native -fopenmp, --threads threads, at the start of
-each round and right before each llamac run; the best probe of a round is its figure);
-the decode roofline of a model is bandwidth / bytes of weights read per token (the KV cache, under 1 MB per token
-at these context lengths, is left out).
+each round and right before and after each run; the best probe of a round is its figure); the decode roofline of a
+model is bandwidth / bytes of weights read per token (the KV cache, under 1 MB per token at these context lengths,
+is left out).
 
 Raw results: $LLAMAC_BENCH_CACHE/results/<time>.json. Options: --rounds, --threads, --shape, --llamac-target,
 --only PEER[,PEER], --wait-quiet LOAD (wait up to --max-wait s for the 1-minute load average to drop below LOAD).
@@ -278,6 +281,18 @@ def others_now(window: float = 1.0) -> float:
     return (_busy_jiffies() - b0) / hz / window
 
 
+def mem_gate(threads: int, best: float, frac: float, max_wait: float) -> tuple[float, float]:
+    """Wait until the memory is in its fast state (a probe >= frac x the best probe so far), at most max_wait s;
+    return (last probe in GB/s, waited s). This host's memory speed flips between two states (about 36 and 67 GB/s
+    with 2 threads) for seconds to minutes at a time, whoever runs; every peer waits alike, as for idle CPUs."""
+    t0 = time.monotonic()
+    while True:
+        probe = bandwidth(threads)
+        if probe >= frac * best or time.monotonic() - t0 >= max_wait:
+            return probe, time.monotonic() - t0
+        time.sleep(2)
+
+
 def gate(limit: float, max_wait: float) -> tuple[float, float]:
     """Wait until the machine is quiet (< limit cores busy over 1 s), at most max_wait s; return (busy, waited)."""
     t0 = time.monotonic()
@@ -354,6 +369,9 @@ def main() -> None:
     ap.add_argument("--gate", type=float, default=0.3, metavar="CORES",
                     help="before each run, wait until other processes use fewer cores than this over 1 s ...")
     ap.add_argument("--gate-wait", type=float, default=60, help="... but at most this many seconds (0: no gate)")
+    ap.add_argument("--mem-gate", type=float, default=0.9, metavar="FRACTION",
+                    help="before each run, wait until a bandwidth probe reads this share of the best one so far ...")
+    ap.add_argument("--mem-wait", type=float, default=90, help="... but at most this many seconds (0: no wait)")
     ap.add_argument("--wait-quiet", type=float, default=None, metavar="LOAD")
     ap.add_argument("--max-wait", type=float, default=600)
     ap.add_argument("--out", default=str(REPO / "docs" / "PEERS.md"))
@@ -375,7 +393,8 @@ def main() -> None:
     res = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "versions": versions(), "shape": a.shape, "threads": a.threads, "rounds": a.rounds, "p": a.p, "n": a.n,
            "llamac_target": a.llamac_target, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-           "gate": {"cores": a.gate, "max_wait_s": a.gate_wait}, "rows": {}}
+           "gate": {"cores": a.gate, "max_wait_s": a.gate_wait},
+           "mem_gate": {"fraction": a.mem_gate, "max_wait_s": a.mem_wait}, "rows": {}}
     if a.wait_quiet is not None:
         load, waited = wait_quiet(a.wait_quiet, a.max_wait)
         res["waited_for_quiet"] = {"limit": a.wait_quiet, "load": round(load, 2), "waited_s": round(waited)}
@@ -410,31 +429,33 @@ def main() -> None:
             row["error"] = f"not measured: {e}"
             w.close()
 
-    res["bandwidth_gbs"], runs = [], {f"{w.peer}|{w.fmt}": [] for w in workers}
+    res["bandwidth_gbs"], runs, after = [], {f"{w.peer}|{w.fmt}": [] for w in workers}, []
     try:
         for rnd in range(a.rounds):
             # the memory's speed swings within minutes on a shared host: probe at each round's start and again
-            # right before each llamac run (that run's own roofline); the round's figure is its best probe
+            # right before each run (the memory gate; that run's own roofline); the round's figure is its best probe
             res["bandwidth_gbs"].append(bandwidth(a.threads))
             k = rnd % max(1, len(workers))
             for w in workers[k:] + workers[:k]:  # rotate who goes first
                 key = f"{w.peer}|{w.fmt}"
                 if "error" in res["rows"][key] or ("slow" in res["rows"][key] and runs[key]):
                     continue
-                probe = bandwidth(a.threads) if w.peer == "llamac" else None
-                if probe is not None:
-                    res["bandwidth_gbs"][rnd] = max(res["bandwidth_gbs"][rnd], probe)
+                best = max([*res["bandwidth_gbs"], *after])
+                probe, mem_waited = mem_gate(a.threads, best, a.mem_gate, a.mem_wait)
+                res["bandwidth_gbs"][rnd] = max(res["bandwidth_gbs"][rnd], probe)
                 busy, waited = gate(a.gate, a.gate_wait) if a.gate_wait > 0 else (None, 0.0)
                 try:
                     r = measured_run(w, timeout=900, idle=[x for x in workers if x is not w])
-                    r.update(gate_busy_cores=None if busy is None else round(busy, 2), gate_waited_s=round(waited, 1),
-                             round=rnd, probe_gbs=probe)
                 except Exception as e:
                     res["rows"][key]["error"] = f"failed in round {rnd + 1}: {e}"
                     continue
+                after.append(bandwidth(a.threads))  # did the memory stay fast through the run?
+                r.update(gate_busy_cores=None if busy is None else round(busy, 2), gate_waited_s=round(waited, 1),
+                         round=rnd, probe_gbs=probe, probe_after_gbs=after[-1], mem_waited_s=round(mem_waited, 1))
                 runs[key].append(r)
                 peers.log(f"round {rnd + 1}/{a.rounds} {key:22s} pp {r['pp']:7.1f} tg {r['tg']:6.1f} tok/s "
-                          f"(load {r['load_before']}, others {r['others_cores']} cores, idle workers "
+                          f"(memory {probe:.0f}/{after[-1]:.0f} GB/s before/after, waited {mem_waited:.0f} s; load "
+                          f"{r['load_before']}, others {r['others_cores']} cores, idle workers "
                           f"{r['idle_workers_cores']}, gate waited {waited:.0f} s)")
     finally:
         for w in workers:

@@ -37,7 +37,23 @@ def _gate_summary(res: dict, runs: list[dict]) -> str:
     waited = [r.get("gate_waited_s", 0) for r in runs]
     return (f". Each run started once the machine was quiet (< {g['cores']} cores busy over 1 s) or after "
             f"{g['max_wait_s']:.0f} s: {quiet} of {len(runs)} runs started quiet (waits: median "
-            f"{statistics.median(waited):.0f} s, max {max(waited):.0f} s)")
+            f"{statistics.median(waited):.0f} s, max {max(waited):.0f} s)" + _mem_gate_summary(res, runs))
+
+
+def _mem_gate_summary(res: dict, runs: list[dict]) -> str:
+    g, bw = res.get("mem_gate"), res.get("bandwidth_best_gbs")
+    runs = [r for r in runs if "probe_after_gbs" in r]
+    if not g or not bw or not runs:
+        return ""
+    fast = g["fraction"] * bw
+    before = sum(1 for r in runs if r["probe_gbs"] >= fast)
+    both = sum(1 for r in runs if min(r["probe_gbs"], r["probe_after_gbs"]) >= fast)
+    waited = [r["mem_waited_s"] for r in runs]
+    return (f"; and once a memory probe read ≥ {g['fraction']:.0%} of the best probe so far, or after "
+            f"{g['max_wait_s']:.0f} s (the memory of this host flips between a fast and a slow state, whoever runs): "
+            f"{before} of {len(runs)} runs started on fast memory (≥ {fast:.0f} GB/s, {g['fraction']:.0%} of the "
+            f"session's best) and {both} were still on it after (waits: median {statistics.median(waited):.0f} s, "
+            f"max {max(waited):.0f} s)")
 
 
 def _round_shares(shares: list[float] | None) -> str:
@@ -72,7 +88,7 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
         "This machine is shared with other jobs: a run during which others held a core understates that peer "
         "(2-thread runs collapse when a core is taken), so compare rows whose 'other procs' figure is near 0.",
         f"- Memory bandwidth, measured in the same session ({t} threads, streaming read of 1 GiB in huge pages, 1-8 "
-        f"streams per thread, best pass, at each round's start and right before each llamac run): best {_f(bw)} GB/s (best per round: {', '.join(_f(x) for x in res.get('bandwidth_gbs', []))}). Decode "
+        f"streams per thread, best pass, at each round's start and right before and after each run): best {_f(bw)} GB/s (best per round: {', '.join(_f(x) for x in res.get('bandwidth_gbs', []))}). Decode "
         "roofline = bandwidth / weight bytes read per token (lm_head once; the KV cache, under 1 MB/token here, "
         "left out); % of roofline uses the best tg and the best bandwidth (issue 7's bar), and the llamac table "
         "also gives each run against the bandwidth probed just before it.",
