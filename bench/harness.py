@@ -508,7 +508,10 @@ def main() -> None:
                 res["llamac_bench_cli"][q] = "skipped: too slow for 5 repetitions (see --slow-s)"
                 continue
             peers.log(f"llamac bench {q} (cross-check)")
-            res["llamac_bench_cli"][q] = llamac_bench_cli(m, a.threads, a.p, a.n)
+            probe, _ = mem_gate(a.threads, max([*res["bandwidth_gbs"], *after]), a.mem_gate, a.mem_wait)
+            r = res["llamac_bench_cli"][q] = llamac_bench_cli(m, a.threads, a.p, a.n)
+            if isinstance(r, dict):
+                r.update(probe_gbs=probe, probe_after_gbs=bandwidth(a.threads))
     for pr in _PROBES.values():
         pr.stdin.close()
         pr.wait()

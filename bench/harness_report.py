@@ -148,13 +148,16 @@ def write_report(res: dict, out: Path, png_name: str) -> None:
     if cli:
         lines += ["## Cross-check: `llamac bench ART -p 512 -n 128 -r 5 --threads 2 --json`", "",
                   "Run after the rounds, alone, by the CLI's own method: the harness's (llama-bench's) pp and tg, "
-                  "each from an empty cache, best and median of its 5 runs.", "",
-                  "| scheme | pp best | pp median | tg best | tg median | load before → after | |", "|---|---|---|---|---|---|---|"]
+                  "each from an empty cache, best and median of its 5 runs; each started after the memory gate.", "",
+                  "| scheme | pp best | pp median | tg best | tg median | load before → after | memory before → after |",
+                  "|---|---|---|---|---|---|---|"]
         for q, r in cli.items():
             if isinstance(r, dict):
                 lines.append(f"| {q} | {_f(r['prefill_tok_s'])} | {_f(r['prefill_tok_s_median'])} "
                              f"| {_f(r['decode_tok_s'])} | {_f(r['decode_tok_s_median'])} "
-                             f"| {r['load_avg_before']} → {r['load_avg_after']} |" + (f" {r['via']}" if "via" in r else ""))
+                             f"| {r['load_avg_before']} → {r['load_avg_after']} "
+                             f"| {_f(r.get('probe_gbs'))} → {_f(r.get('probe_after_gbs'))} GB/s |"
+                             + (f" {r['via']}" if "via" in r else ""))
             else:
                 lines.append(f"| {q} | {r if r.startswith('skipped') else 'failed: ' + r} | | | | | |")
         lines.append("")
