@@ -14,6 +14,27 @@ import numpy as np
 from llamac.errors import InputError
 
 
+def one_run(sess, ids: list[int], gen_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s of ids from an empty cache, decode tok/s of gen_tokens single-token steps from an empty cache)."""
+    sess.reset()
+    t0 = time.perf_counter()
+    sess.prefill(ids)
+    t1 = time.perf_counter()
+    sess.reset()
+    token = ids[0]
+    t2 = time.perf_counter()
+    for _ in range(gen_tokens):
+        token = int(np.argmax(sess.decode(token)))
+    t3 = time.perf_counter()
+    return len(ids) / (t1 - t0), gen_tokens / (t3 - t2)
+
+
+def warm_up(sess, ids: list[int]) -> None:
+    sess.reset()
+    sess.prefill(ids[:16])  # the first calls pay for page faults and lazy initialisation
+    sess.decode(1)
+
+
 def bench(art: Path, prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 5,
           threads: int | None = None) -> dict:
     from llamac.runtime import load
@@ -26,24 +47,8 @@ def bench(art: Path, prompt_tokens: int = 512, gen_tokens: int = 128, repetition
     ids = rng.integers(3, model.config.vocab_size, size=prompt_tokens).tolist()
     load_before = os.getloadavg()[0]
     sess = model.session()
-
-    def one_run() -> tuple[float, float]:
-        sess.reset()
-        t0 = time.perf_counter()
-        sess.prefill(ids)
-        t1 = time.perf_counter()
-        sess.reset()
-        token = ids[0]
-        t2 = time.perf_counter()
-        for _ in range(gen_tokens):
-            token = int(np.argmax(sess.decode(token)))
-        t3 = time.perf_counter()
-        return prompt_tokens / (t1 - t0), gen_tokens / (t3 - t2)
-
-    sess.reset()
-    sess.prefill(ids[:16])  # warm-up: first calls pay for page faults and lazy initialisation
-    sess.decode(1)
-    runs = [one_run() for _ in range(repetitions)]
+    warm_up(sess, ids)
+    runs = [one_run(sess, ids, gen_tokens) for _ in range(repetitions)]
     pp, tg = [r[0] for r in runs], [r[1] for r in runs]
     used = getattr(getattr(model, "backend", None), "threads", None) or threads or os.cpu_count()
     return {"artifact": str(art), "threads": used, "prompt_tokens": prompt_tokens,

@@ -69,8 +69,10 @@ def inspect(path: Path, dequantize: Path | None) -> None:
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None, help="KV cache capacity (default: the model's context, at most 4096).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous export or artifact (or an empty directory).")
+@click.option("--no-tuning", is_flag=True,
+              help="Ignore `llamac tune`'s results: the target file's parameters as they are.")
 def compile_cmd(src: Path | None, target: str | None, quant: str, group_size: int | None, max_seq_len: int | None,
-                out: Path, force: bool) -> None:
+                out: Path, force: bool, no_tuning: bool) -> None:
     """Compile a checkpoint or export directory (default: the bundled model) into an artifact."""
     from llamac.compiler import compile_model
 
@@ -81,8 +83,39 @@ def compile_cmd(src: Path | None, target: str | None, quant: str, group_size: in
 
         target = host_target()
     path = compile_model(src, target, quant=quant, group_size=group_size, max_seq_len=max_seq_len, out=out,
-                         force=force)
+                         force=force, tuning=False if no_tuning else None)
     click.echo(f"compiled {src} for {target} ({quant}) -> {path}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path), required=False)
+@click.option("--target", "-t", default=None, help="Target to tune (default: the best target for this machine).")
+@click.option("--quant", "-q", default="q4", show_default=True, help="Quantization scheme: f32, f16, q8, q4.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Tuning file to write (default: $LLAMAC_TUNING_DIR or ~/.cache/llamac/tuning, TARGET.json).")
+@click.option("-p", "--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("-n", "--gen-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
+def tune(src: Path | None, target: str | None, quant: str, out: Path | None, prompt_tokens: int, gen_tokens: int,
+         repetitions: int, threads: int | None) -> None:
+    """Measure a target's schedule parameters on this machine; `llamac compile` then uses the best.
+
+    Compiles SRC (default: the bundled model) once per candidate, measures each like `llamac bench` and keeps the
+    fastest decode in a tuning file for the target. Run it on a machine of the target, on a model the size of
+    the ones you will compile."""
+    from llamac.tune import tune as run_tune
+
+    if src is None:
+        src = _bundled_checkpoint()
+    if target is None:
+        from llamac.targets import host_target
+
+        target = host_target()
+    _warn_if_oversubscribed(threads)
+    entry, path = run_tune(src, target, quant, out, prompt_tokens, gen_tokens, repetitions, threads,
+                           log=lambda line: click.echo(line, err=True))
+    click.echo(f"tuned {target} ({quant}): {', '.join(f'{k}={v}' for k, v in entry['params'].items())} -> {path}")
 
 
 @cli.command()

@@ -24,12 +24,15 @@ NOT_TOKENIZER = {"model.onnx", "model.onnx.data", "config.json"}
 
 def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "q4", max_seq_len: int | None = None,
                   out: str | Path = "model.llamac", progress: bool = True, group_size: int | None = None,
-                  force: bool = False, quantize_embeddings: bool = True) -> Path:
-    """Compile `src` (HF dir, .gguf, llama2.c .bin, or an export dir) for `target`; returns the artifact dir."""
+                  force: bool = False, quantize_embeddings: bool = True, tuning: dict | bool | None = None) -> Path:
+    """Compile `src` (HF dir, .gguf, llama2.c .bin, or an export dir) for `target`; returns the artifact dir.
+    tuning: None = the target's tuned parameters where `llamac tune` left some (llamac.tune), False = the target
+    file's own, a dict = these."""
     stage = _Stages(progress)
     tgt = load_target(target)
     cc = tgt.check_buildable()
     scheme = _scheme(quant, group_size)
+    tgt = _tuned(tgt, scheme.name, tuning, stage)
     src, out = Path(src), Path(out)
     refuse_replacing_source(out, src)
     if max_seq_len is not None and (src / "config.json").is_file() and not (src / "manifest.json").is_file():
@@ -64,6 +67,19 @@ def compile_model(src: str | Path, target: str | Path = "x86_64", quant: str = "
             artifact.write_manifest(tmp, _manifest(tgt, scheme, cfg, capacity, plan, entries, tokenizer_files,
                                                    quantize_embeddings))
     return out
+
+
+def _tuned(tgt: Target, quant: str, tuning: dict | bool | None, stage) -> Target:
+    from llamac import tune
+
+    if tuning is False or tgt.kind != "llvm":
+        return tgt
+    params, source = (tuning, None) if isinstance(tuning, dict) else tune.tuned_params(tgt, quant)
+    if not params:
+        return tgt
+    with stage(f"tuned parameters {', '.join(f'{k}={v}' for k, v in params.items())}"
+               + (f" (from {source})" if source else "")):
+        return tune.apply(tgt, params)
 
 
 def _scheme(quant: str, group_size: int | None) -> Scheme:

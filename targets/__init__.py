@@ -16,7 +16,7 @@ shared library (a cross compiler for ARM), the kernel tile width (`lanes`) and w
     lanes = 8                         # output channels per SIMD tile in the linear kernels
     dot = "sdot"                      # byte dot products for q4/q8 (int8 kernels): "avx2" | "vnni" | "sdot"; omit
     dot_tiles = 4                     # 8-channel tiles of those kernels stored side by side (1-16, default 4)
-    float_panels = 4                  # f32/f16 weights: `lanes`-wide panels side by side (1-8, default 1)
+    float_panels = 4                  # f32/f16 weights: `lanes`-wide panels side by side (1, 2 or 4; default 1)
     [runtime]
     needs = "what the device must have"
 
@@ -183,8 +183,8 @@ def _parse(path: Path) -> Target:
     if type(dot_tiles) is not int or dot_tiles not in (1, 2, 4, 8, 16):
         raise InputError(f"{path}: build.dot_tiles must be 1, 2, 4, 8 or 16, got {dot_tiles!r}")
     float_panels = build.get("float_panels", 1)
-    if type(float_panels) is not int or float_panels not in (1, 2, 4, 8):
-        raise InputError(f"{path}: build.float_panels must be 1, 2, 4 or 8, got {float_panels!r}")
+    if type(float_panels) is not int or float_panels not in (1, 2, 4):    # the kernels take at most 4
+        raise InputError(f"{path}: build.float_panels must be 1, 2 or 4, got {float_panels!r}")
     for key, val in (("llvm.mcpu", llvm.get("mcpu", "")), ("build.cc", build.get("cc", "")),
                      ("summary", data.get("summary", "")), ("runtime.needs", runtime.get("needs", ""))):
         if not isinstance(val, str):

@@ -61,6 +61,8 @@ def test_user_target_file(tmp_path):
     ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\ndot_tiles = 3\n', "dot_tiles must be"),
     ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\ndot_tiles = 32\n', "dot_tiles must be"),
     ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\nfloat_panels = 3\n', "float_panels must be"),
+    # 8 panels of 8 or 16 lanes are wider than the float kernels take (at most 4 panels)
+    ('name = "x"\n[llvm]\nmtriple = "x86_64-linux-gnu"\n[build]\nfloat_panels = 8\n', "float_panels must be"),
     ('name = "x"\n[llvm]\nmtriple = "aarch64-linux-gnu"\nmattr = ["+neon"]\n[build]\ndot = "sdot"\n', "dotprod"),
 ])
 def test_malformed_target_files(tmp_path, text, match):
