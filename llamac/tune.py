@@ -127,7 +127,11 @@ def tune(src: str | Path, target: str | Path, quant: str, out: Path | None = Non
         log(f"tune: {name} = {m['params'][name]}: pp{prompt_tokens} {m['prefill_tok_s']:.1f} tok/s, "
             f"tg{gen_tokens} {m['decode_tok_s']:.1f} tok/s (best of {repetitions})")
     best = max(measured, key=lambda m: (m["decode_tok_s"], m["prefill_tok_s"]))
-    entry = {"params": best["params"], "measured": measured, "model": str(src), "threads": threads,
+    cfg = model.config
+    shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                          "num_kv_heads", "vocab_size")}
+    entry = {"params": best["params"], "measured": measured, "model": {"name": Path(src).name, **shape},
+             "threads": threads or os.cpu_count(),
              "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repetitions": repetitions,
              "load_avg": round(os.getloadavg()[0], 2), "cpu": _cpu_name(),
              "when": datetime.datetime.now().isoformat(timespec="seconds")}
