@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from llamac.errors import InputError
 from llamac.targets import HERE as TARGETS_DIR, Target, load_target
 
@@ -78,11 +80,11 @@ def tune(src: str | Path, target: str | Path, quant: str, out: Path | None = Non
          space: dict[str, tuple] | None = None, log: Callable[[str], None] = print) -> tuple[dict, Path]:
     """Measure every candidate of the parameters that apply to (target, quant) on this machine; write the best to
     `out` (default: the user's tuning file for the target) and return (the entry written, out)."""
-    import numpy as np
-
+    from llamac import artifact
     from llamac.bench import one_run, warm_up
     from llamac.compiler import compile_model
     from llamac.runtime import load
+    from llamac.runtime.tvm_backend import _mem_available
 
     tgt = load_target(target)
     _check_runs_here(tgt)
@@ -95,13 +97,18 @@ def tune(src: str | Path, target: str | Path, quant: str, out: Path | None = Non
         raise InputError(f"{quant} on {tgt.name} tunes {', '.join(SPACE[kind])}, not {', '.join(space) or 'nothing'}")
     (name, values), = space.items()       # one parameter per kind today; a grid would go here
     out = Path(out) if out else user_dir() / f"{tgt.name}.json"
-    sessions, reference = [], None
+    runs: list[list[tuple[float, float]]] = [[] for _ in values]
     with tempfile.TemporaryDirectory(prefix="llamac-tune-") as work:
+        arts = []
         for i, value in enumerate(values):
             log(f"tune: compiling {name} = {value} ({i + 1}/{len(values)})")
-            art = compile_model(src, target, quant=quant, out=Path(work) / f"c{i}", progress=False,
-                                tuning={name: value})
-            model = load(art, threads=threads)
+            arts.append(compile_model(src, target, quant=quant, out=Path(work) / f"c{i}", progress=False,
+                                      tuning={name: value}))
+        reference = None
+
+        def opened(i: int):
+            nonlocal reference
+            model = load(arts[i], threads=threads)
             if max(prompt_tokens, gen_tokens) > model.max_seq_len:
                 raise InputError(f"-p/-n must fit the model's context of {model.max_seq_len} tokens")
             sess = model.session()
@@ -110,24 +117,35 @@ def tune(src: str | Path, target: str | Path, quant: str, out: Path | None = Non
             if reference is None:
                 reference = logits
             elif not np.allclose(logits, reference, rtol=1e-4, atol=1e-4 * float(np.abs(reference).max())):
-                raise RuntimeError(f"{name} = {value} changes the logits (max diff "
+                raise RuntimeError(f"{name} = {values[i]} changes the logits (max diff "
                                    f"{float(np.abs(logits - reference).max()):.3g}): a kernel bug, please report")
-            sessions.append(sess)
-        # measured in rounds over the candidates, so that a slow minute of the machine hits them all alike
-        ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=prompt_tokens).tolist()
-        runs: list[list[tuple[float, float]]] = [[] for _ in values]
-        for sess in sessions:
-            warm_up(sess, ids)
-        for rep in range(repetitions):
-            for i in [*range(rep % len(values), len(values)), *range(rep % len(values))]:
-                runs[i].append(one_run(sessions[i], ids, gen_tokens))
+            return model, sess
+
+        if sum((a / artifact.WEIGHTS_FILE).stat().st_size for a in arts) < _mem_available() // 2:
+            # all loaded, measured in rounds over the candidates: a slow minute of the machine hits them all alike
+            loaded = [opened(i) for i in range(len(arts))]
+            cfg = loaded[0][0].config
+            ids = _prompt(cfg, prompt_tokens)
+            for _, sess in loaded:
+                warm_up(sess, ids)
+            for rep in range(repetitions):
+                for i in [*range(rep % len(values), len(values)), *range(rep % len(values))]:
+                    runs[i].append(one_run(loaded[i][1], ids, gen_tokens))
+        else:
+            log("tune: the candidates do not fit in memory together: measured one after another")
+            for i in range(len(arts)):
+                model, sess = opened(i)
+                cfg = model.config
+                ids = _prompt(cfg, prompt_tokens)
+                warm_up(sess, ids)
+                runs[i] = [one_run(sess, ids, gen_tokens) for _ in range(repetitions)]
+                del model, sess         # before the next one loads
     measured = [{"params": {name: v}, "decode_tok_s": round(max(r[1] for r in rs), 2),
                  "prefill_tok_s": round(max(r[0] for r in rs), 2)} for v, rs in zip(values, runs)]
     for m in measured:
         log(f"tune: {name} = {m['params'][name]}: pp{prompt_tokens} {m['prefill_tok_s']:.1f} tok/s, "
             f"tg{gen_tokens} {m['decode_tok_s']:.1f} tok/s (best of {repetitions})")
     best = max(measured, key=lambda m: (m["decode_tok_s"], m["prefill_tok_s"]))
-    cfg = model.config
     shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                           "num_kv_heads", "vocab_size")}
     entry = {"params": best["params"], "measured": measured, "model": {"name": Path(src).name, **shape},
@@ -137,6 +155,10 @@ def tune(src: str | Path, target: str | Path, quant: str, out: Path | None = Non
              "when": datetime.datetime.now().isoformat(timespec="seconds")}
     _write(out, tgt.name, quant, entry)
     return entry, out
+
+
+def _prompt(cfg, n: int) -> list[int]:
+    return np.random.default_rng(0).integers(3, cfg.vocab_size, size=n).tolist()
 
 
 def _check_runs_here(tgt: Target) -> None:

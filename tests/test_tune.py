@@ -70,6 +70,24 @@ def test_tune_keeps_the_fastest_and_compile_applies_it(root, tmp_path, monkeypat
     assert json.loads((art3 / "manifest.json").read_text())["target"][name] == default
 
 
+def test_candidates_that_do_not_fit_in_memory_together_are_measured_one_after_another(root, tmp_path, monkeypatch):
+    from llamac.runtime import tvm_backend
+
+    monkeypatch.setattr(tvm_backend, "_mem_available", lambda: 0)
+    target = host_target()
+    tgt = load_target(target)
+    quant = "q8" if tgt.dot else "f16"
+    (name, values), = tune.SPACE[tune.kernel_kind(tgt, quant)].items()
+    _, export_dir = exported(root, "llama2_mha")
+    lines: list[str] = []
+    entry, path = tune.tune(export_dir, target, quant, out=tmp_path / "t.json", prompt_tokens=16, gen_tokens=8,
+                            repetitions=1, space={name: values[:2]}, log=lines.append)
+    assert "tune: the candidates do not fit in memory together: measured one after another" in lines
+    assert [m["params"][name] for m in entry["measured"]] == list(values[:2])
+    assert all(m["decode_tok_s"] > 0 for m in entry["measured"])
+    assert json.loads(path.read_text())["schemes"][quant]["params"] == entry["params"]
+
+
 @pytest.mark.parametrize("case", ["other arch", "nothing to tune", "webgpu"])
 def test_tune_refuses_what_it_cannot_measure_here(case, tmp_path):
     import os
