@@ -179,16 +179,15 @@ _PROBES: dict[int, subprocess.Popen] = {}
 def bandwidth(threads: int) -> float:
     """One probe (GB/s) from a long-lived probe process per thread count: its 1 GiB stays allocated between probes."""
     pr = _PROBES.get(threads)
-    if pr is None:
+    if pr is None:      # the first probe runs right after the allocation
         # passive OpenMP threads: between probes they sleep instead of spinning next to the measured runs
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="false", OMP_WAIT_POLICY="passive")
         pr = _PROBES[threads] = subprocess.Popen([str(bandwidth_tool()), "8", "serve"], stdin=subprocess.PIPE,
                                                  stdout=subprocess.PIPE, text=True, env=env)
-        line = pr.stdout.readline()  # the first probe runs right after the allocation
     else:
         pr.stdin.write("\n")
         pr.stdin.flush()
-        line = pr.stdout.readline()
+    line = pr.stdout.readline()
     if not line:
         raise RuntimeError(f"the bandwidth probe exited (status {pr.poll()})")
     return float(line.split()[0])
@@ -339,6 +338,24 @@ def measured_run(w: Worker, timeout: float, idle: list[Worker]) -> dict:
     return r
 
 
+def add_rooflines(res: dict) -> None:
+    """Per row: best/median figures and the decode roofline from the run's best probe (issue 7's bar), and each run
+    against the probe taken just before it (else its round's): how much the best-of-rounds bar owes to one round."""
+    bw = max(res["bandwidth_gbs"]) if res["bandwidth_gbs"] else None
+    res["bandwidth_best_gbs"] = bw
+    for row in res["rows"].values():
+        rs = row.get("runs")
+        if not rs:
+            continue
+        row.update(summarize(rs))
+        if bw and row.get("bytes_per_token"):
+            row["roofline_tok_s"] = bw * 1e9 / row["bytes_per_token"]
+            row["roofline_share"] = row["tg_best"] / row["roofline_tok_s"]
+            row["roofline_round_shares"] = [
+                r["tg"] * row["bytes_per_token"] / ((r.get("probe_gbs") or res["bandwidth_gbs"][r["round"]]) * 1e9)
+                for r in rs]
+
+
 def llamac_bench_cli(art: Path, threads: int, p: int, n: int) -> dict | str:
     """`llamac bench ... --json` as a cross-check of the rounds: the same method, run alone after them."""
     cmd = [str(REPO / ".venv" / "bin" / "llamac"), "bench", str(art), "-p", str(p), "-n", str(n), "-r", "5",
@@ -450,19 +467,18 @@ def main() -> None:
             row["error"] = f"not measured: {e}"
             w.close()
 
-    res["bandwidth_gbs"], runs, after = [], {f"{w.peer}|{w.fmt}": [] for w in workers}, []
+    res["bandwidth_gbs"], runs = [], {f"{w.peer}|{w.fmt}": [] for w in workers}
     try:
         for rnd in range(a.rounds):
-            # the memory's speed swings within minutes on a shared host: probe at each round's start and again
-            # right before each run (the memory gate; that run's own roofline); the round's figure is its best probe
+            # the memory's speed swings within minutes on a shared host: probe at each round's start, right before
+            # each run (the memory gate; that run's own roofline) and after it; the round's figure is its best probe
             res["bandwidth_gbs"].append(bandwidth(a.threads))
             k = rnd % max(1, len(workers))
             for w in workers[k:] + workers[:k]:  # rotate who goes first
                 key = f"{w.peer}|{w.fmt}"
                 if "error" in res["rows"][key] or ("slow" in res["rows"][key] and runs[key]):
                     continue
-                best = max([*res["bandwidth_gbs"], *after])
-                probe, mem_waited = mem_gate(a.threads, best, a.mem_gate, a.mem_wait)
+                probe, mem_waited = mem_gate(a.threads, max(res["bandwidth_gbs"]), a.mem_gate, a.mem_wait)
                 res["bandwidth_gbs"][rnd] = max(res["bandwidth_gbs"][rnd], probe)
                 busy, waited = gate(a.gate, a.gate_wait) if a.gate_wait > 0 else (None, 0.0)
                 try:
@@ -470,33 +486,22 @@ def main() -> None:
                 except Exception as e:
                     res["rows"][key]["error"] = f"failed in round {rnd + 1}: {e}"
                     continue
-                after.append(bandwidth(a.threads))  # did the memory stay fast through the run?
+                after = bandwidth(a.threads)  # did the memory stay fast through the run?
+                res["bandwidth_gbs"][rnd] = max(res["bandwidth_gbs"][rnd], after)
                 r.update(gate_busy_cores=None if busy is None else round(busy, 2), gate_waited_s=round(waited, 1),
-                         round=rnd, probe_gbs=probe, probe_after_gbs=after[-1], mem_waited_s=round(mem_waited, 1))
+                         round=rnd, probe_gbs=probe, probe_after_gbs=after, mem_waited_s=round(mem_waited, 1))
                 runs[key].append(r)
                 peers.log(f"round {rnd + 1}/{a.rounds} {key:22s} pp {r['pp']:7.1f} tg {r['tg']:6.1f} tok/s "
-                          f"(memory {probe:.0f}/{after[-1]:.0f} GB/s before/after, waited {mem_waited:.0f} s; load "
+                          f"(memory {probe:.0f}/{after:.0f} GB/s before/after, waited {mem_waited:.0f} s; load "
                           f"{r['load_before']}, others {r['others_cores']} cores, idle workers "
                           f"{r['idle_workers_cores']}, gate waited {waited:.0f} s)")
     finally:
         for w in workers:
             w.close()
     time.sleep(5)  # the host takes back the workers' freed memory, stealing CPU for a while: not during a run
-    bw = max(res["bandwidth_gbs"]) if res["bandwidth_gbs"] else None
-    res["bandwidth_best_gbs"] = bw
     for key, rs in runs.items():
-        row = res["rows"][key]
-        row["runs"] = rs
-        if rs:
-            row.update(summarize(rs))
-            if bw and row.get("bytes_per_token"):
-                row["roofline_tok_s"] = bw * 1e9 / row["bytes_per_token"]
-                row["roofline_share"] = row["tg_best"] / row["roofline_tok_s"]
-                # each run against the probe taken just before it (else its round's): how much the best-of-rounds
-                # bar owes to one round
-                row["roofline_round_shares"] = [
-                    r["tg"] * row["bytes_per_token"] / ((r.get("probe_gbs") or res["bandwidth_gbs"][r["round"]]) * 1e9)
-                    for r in rs]
+        res["rows"][key]["runs"] = rs
+    add_rooflines(res)
 
     if not a.no_cli_check and (not only or "llamac" in only):
         res["llamac_bench_cli"] = {}
@@ -508,7 +513,7 @@ def main() -> None:
                 res["llamac_bench_cli"][q] = "skipped: too slow for 5 repetitions (see --slow-s)"
                 continue
             peers.log(f"llamac bench {q} (cross-check)")
-            probe, _ = mem_gate(a.threads, max([*res["bandwidth_gbs"], *after]), a.mem_gate, a.mem_wait)
+            probe, _ = mem_gate(a.threads, max(res["bandwidth_gbs"]), a.mem_gate, a.mem_wait)
             r = res["llamac_bench_cli"][q] = llamac_bench_cli(m, a.threads, a.p, a.n)
             if isinstance(r, dict):
                 r.update(probe_gbs=probe, probe_after_gbs=bandwidth(a.threads))
